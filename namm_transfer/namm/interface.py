@@ -1,0 +1,101 @@
+"""The contract between eviction policies (NAMM and the baselines) and the runtime.
+
+The runtime (``namm_transfer.runtime``) owns the KV cache of a real model. Every ``update_every`` tokens it
+shows each managed layer to the policy as a :class:`LayerView` and applies the :class:`KeepDecision` the
+policy returns. Policies see tensors only: no model, no tokenizer, no modality (ARCHITECTURE.md, "Layers").
+
+Shapes use B = batch rows, H = KV heads of the layer, N = cached slots of the layer at step time
+(tokens kept by earlier steps, in arrival order, followed by the ``n_new`` tokens that arrived since the
+previous step), D = head dim, Q = ``n_new`` recent queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class LayerView:
+    """One managed layer at one policy step.
+
+    Attributes:
+        layer: index of the layer among the model's layers.
+        step: how many policy steps this sequence has had before this one (0 at the first step).
+        token_index: (B, H, N) int64, absolute arrival index of every cached slot (0 = first token the
+            sequence ever fed, evicted tokens included). For RoPE models without padding this equals the
+            position id. Sorted ascending along N.
+        valid: (B, H, N) bool, False for slots that hold input padding (left padding of a batch).
+        n_new: number of slots at the end of N that arrived since the previous step.
+        keys: (B, H, N, D) cached keys (post-RoPE where the model uses RoPE).
+        attention_fn: returns (B, H, Q=n_new, N) post-softmax attention of the ``n_new`` most recent queries
+            over all N slots, query heads averaged per KV head (GQA), zero where masked (causal, padding).
+            Computed on first call and cached; policies that never call it cost nothing.
+        prompt_length: (B,) int64 or None, arrival index one past the last prompt token of each row
+            (lets a policy protect the prompt tail).
+    """
+
+    layer: int
+    step: int
+    token_index: torch.Tensor
+    valid: torch.Tensor
+    n_new: int
+    keys: torch.Tensor
+    attention_fn: Callable[[], torch.Tensor]
+    prompt_length: torch.Tensor | None = None
+    _attention: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.token_index.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.token_index.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.token_index.shape[2]
+
+    def attention(self) -> torch.Tensor:
+        """(B, H, n_new, N) GQA-averaged attention of the recent queries; computed once."""
+        if self._attention is None:
+            self._attention = self.attention_fn()
+        return self._attention
+
+
+@dataclass
+class KeepDecision:
+    """Which slots of a layer survive a step.
+
+    Attributes:
+        indices: (B, H, K) int64 indices into the N slots of the :class:`LayerView`, ascending along K
+            (chronological order is preserved). K is the same for every row and head of the layer; rows or
+            heads that keep fewer real tokens are padded by the policy with slots it chooses, and
+            ``valid`` (gathered by the runtime) says which are visible.
+    """
+
+    indices: torch.Tensor
+
+    @property
+    def kept(self) -> int:
+        return self.indices.shape[-1]
+
+
+@runtime_checkable
+class EvictionPolicy(Protocol):
+    """What the runtime calls. Implemented by :class:`~namm_transfer.namm.policy.NammPolicy` and every
+    baseline in :mod:`namm_transfer.namm.baselines`.
+
+    ``begin`` starts a new batch of sequences and drops all per-sequence state. ``step`` is called once per
+    managed layer every ``update_every`` tokens and returns what that layer keeps; the policy gathers its own
+    per-token state with the same indices before returning.
+    """
+
+    name: str
+
+    def begin(self, batch_size: int, num_layers: int) -> None: ...
+
+    def step(self, view: LayerView) -> KeepDecision: ...

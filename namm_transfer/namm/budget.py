@@ -1,0 +1,128 @@
+"""How many cache slots a hand-made eviction rule keeps per layer at a policy step.
+
+A NAMM decides its own budget (score >= 0, namm-spec.md §4). The baselines of
+:mod:`namm_transfer.namm.baselines` need one (ARCHITECTURE.md, "Budgets and fair comparisons"):
+
+* :class:`FixedRatioBudget`: a fixed fraction of the tokens seen so far (the 25/50/75% Pareto runs);
+* :class:`MatchedBudget`: the per-(step, layer) counts a NAMM kept on the same input, replayed from the
+  runtime's retention log (:class:`RetentionRecord`).
+
+Every budget returns a count clamped to ``[1, N]`` (N = ``view.num_slots``): a layer never keeps more slots
+than it holds, and always keeps at least the newest token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, runtime_checkable
+
+from namm_transfer.namm.interface import LayerView
+
+
+@runtime_checkable
+class Budget(Protocol):
+    """Number of slots a layer keeps at one policy step."""
+
+    def tokens(self, view: LayerView) -> int:
+        """Slots to keep for every (row, KV head) of ``view.layer`` at ``view.step``, within [1, N]."""
+        ...
+
+
+def _clamp(count: int, view: LayerView) -> int:
+    """``count`` limited to [1, N] where N = ``view.num_slots``."""
+    return max(1, min(int(count), view.num_slots))
+
+
+@dataclass(frozen=True)
+class RetentionRecord:
+    """One entry of the runtime's retention log: what a policy kept for one layer at one step.
+
+    Attributes:
+        step: policy step of the sequence (``LayerView.step``), >= 0.
+        layer: layer index (``LayerView.layer``), >= 0.
+        slots_before: N, the slots the layer held at the step (kept earlier + newly arrived), >= 1.
+        kept: K, the slots kept for every row and head (``KeepDecision.kept``), in [1, slots_before].
+    """
+
+    step: int
+    layer: int
+    slots_before: int
+    kept: int
+
+    def __post_init__(self) -> None:
+        if self.step < 0 or self.layer < 0:
+            raise ValueError(f"RetentionRecord step and layer must be >= 0, got step {self.step}, layer {self.layer}")
+        if self.slots_before < 1:
+            raise ValueError(f"RetentionRecord slots_before must be >= 1, got {self.slots_before}")
+        if not 1 <= self.kept <= self.slots_before:
+            raise ValueError(
+                f"RetentionRecord kept must be in [1, slots_before={self.slots_before}], got {self.kept}"
+            )
+
+
+@dataclass(frozen=True)
+class FixedRatioBudget:
+    """Keep ``ceil(ratio * seen)`` slots, where seen = ``max(view.token_index) + 1`` is the number of tokens
+    the sequence has fed so far (evicted ones and left padding included).
+
+    The product is rounded to 9 decimals before the ceiling so that, e.g., 0.35 * 20 gives 7, not 8.
+    The result is clamped to [1, N]: once a layer holds fewer slots than the ratio allows, it keeps them all.
+
+    Attributes:
+        ratio: fraction of the tokens seen, in (0, 1].
+    """
+
+    ratio: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:  # also rejects NaN
+            raise ValueError(f"FixedRatioBudget ratio must be in (0, 1], got {self.ratio}")
+
+    def tokens(self, view: LayerView) -> int:
+        seen = int(view.token_index.max().item()) + 1
+        return _clamp(math.ceil(round(self.ratio * seen, 9)), view)
+
+
+@dataclass(frozen=True)
+class MatchedBudget:
+    """Replay the slot counts a NAMM kept on the same input, per (step, layer).
+
+    Attributes:
+        counts: ``{(step, layer): kept}`` with step, layer >= 0 and kept >= 1. A view whose
+            ``(view.step, view.layer)`` is missing raises ValueError (the runs did not see the same input
+            or schedule). The count is clamped to [1, N].
+    """
+
+    counts: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            raise ValueError("MatchedBudget needs at least one (step, layer) count")
+        for key, count in self.counts.items():
+            if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(v, int) and v >= 0 for v in key)):
+                raise ValueError(f"MatchedBudget keys must be (step, layer) pairs of ints >= 0, got {key!r}")
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"MatchedBudget count for (step, layer) {key} must be an int >= 1, got {count!r}")
+        object.__setattr__(self, "counts", dict(self.counts))
+
+    @classmethod
+    def from_retention(cls, records: Iterable[RetentionRecord]) -> "MatchedBudget":
+        """Build from a retention log (objects with ``step``, ``layer`` and ``kept``). Repeated
+        (step, layer) entries must agree; a conflict raises ValueError."""
+        counts: dict[tuple[int, int], int] = {}
+        for record in records:
+            key = (record.step, record.layer)
+            if key in counts and counts[key] != record.kept:
+                raise ValueError(
+                    f"retention log has conflicting counts for step {key[0]}, layer {key[1]}: "
+                    f"{counts[key]} and {record.kept}"
+                )
+            counts[key] = record.kept
+        return cls(counts)
+
+    def tokens(self, view: LayerView) -> int:
+        key = (view.step, view.layer)
+        if key not in self.counts:
+            raise ValueError(f"MatchedBudget has no recorded count for step {view.step}, layer {view.layer}")
+        return _clamp(self.counts[key], view)

@@ -14,6 +14,7 @@ than it holds, and always keeps at least the newest token.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, runtime_checkable
 
@@ -99,12 +100,21 @@ class MatchedBudget:
     def __post_init__(self) -> None:
         if not self.counts:
             raise ValueError("MatchedBudget needs at least one (step, layer) count")
+        normalised: dict[tuple[int, int], int] = {}
         for key, count in self.counts.items():
-            if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(v, int) and v >= 0 for v in key)):
-                raise ValueError(f"MatchedBudget keys must be (step, layer) pairs of ints >= 0, got {key!r}")
-            if not isinstance(count, int) or count < 1:
-                raise ValueError(f"MatchedBudget count for (step, layer) {key} must be an int >= 1, got {count!r}")
-        object.__setattr__(self, "counts", dict(self.counts))
+            try:
+                step, layer = (operator.index(v) for v in key)
+                count = operator.index(count)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"MatchedBudget entries must map (step, layer) int pairs to int counts, got {key!r}: {count!r}"
+                ) from None
+            if step < 0 or layer < 0 or count < 1:
+                raise ValueError(
+                    f"MatchedBudget needs step, layer >= 0 and count >= 1, got ({step}, {layer}): {count}"
+                )
+            normalised[(step, layer)] = count
+        object.__setattr__(self, "counts", normalised)
 
     @classmethod
     def from_retention(cls, records: Iterable[RetentionRecord]) -> "MatchedBudget":

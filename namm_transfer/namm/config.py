@@ -31,6 +31,9 @@ class NammConfig:
             score are taken first and then thresholded (§4).
         attention_dtype: dtype in which per-query-head attention is rounded and GQA-averaged before the
             features ("bfloat16" as in the official half_attn setting, or "float32").
+        update_every: the NAMM period n_up in tokens (§1.3): the policy runs when the absolute token count
+            reaches a multiple of it and sees that many new queries. A multiple of ``hop``. The runtime takes
+            it from the weights it loads, so a NAMM always runs at the period it was evolved with.
     """
 
     n_fft: int = 32
@@ -45,6 +48,7 @@ class NammConfig:
     protect_prompt_tail: int = 0
     cache_cap: int | None = None
     attention_dtype: str = "bfloat16"
+    update_every: int = 512
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,6 +72,8 @@ class NammConfig:
             problems.append(f"cache_cap must be None or >= 1, got {self.cache_cap}")
         if self.attention_dtype not in ("bfloat16", "float32"):
             problems.append(f"attention_dtype must be 'bfloat16' or 'float32', got {self.attention_dtype!r}")
+        if self.update_every < self.hop or self.update_every % self.hop:
+            problems.append(f"update_every must be a positive multiple of hop={self.hop}, got {self.update_every}")
         if problems:
             raise ValueError("invalid NammConfig: " + "; ".join(problems))
 

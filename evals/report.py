@@ -1,0 +1,248 @@
+"""One folder per evaluation run, text tables and plots (ARCHITECTURE.md, "evals/report.py").
+
+A run folder ``<root>/<name>`` holds (layout as in kvpress's evaluation, field-notes §6):
+
+* ``config.json``: written by :meth:`RunFolder.start`; a rerun must pass the same config.
+* ``predictions.jsonl``: one JSON object per finished item (with an ``item_id``), appended and flushed
+  line by line, so a rerun skips :meth:`RunFolder.done_ids`. A last line cut off by a killed process is
+  ignored with a warning and removed before the next append.
+* ``metrics.json``: written (replaced atomically) by :meth:`RunFolder.write_metrics`, updatable.
+
+Plots use :class:`matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, no global backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
+
+
+def _sanitise(part: str) -> str:
+    cleaned = _UNSAFE.sub("-", part).strip("-.")
+    if not cleaned:
+        raise ValueError(f"run name part {part!r} has no usable characters")
+    return cleaned
+
+
+def run_name(dataset: str, model: str, policy: str, budget: float | str | None = None) -> str:
+    """``<dataset>__<model>__<policy>__<budget>``, each part reduced to ``[A-Za-z0-9._-]``.
+
+    ``budget`` None gives "full" (no budget), a float in (0, 1] a retained fraction ("b0.25"), a string is
+    used as given ("matched").
+    """
+    if budget is None:
+        budget_part = "full"
+    elif isinstance(budget, str):
+        budget_part = budget
+    elif 0.0 < budget <= 1.0:
+        budget_part = f"b{budget:.2f}"
+    else:
+        raise ValueError(f"budget must be None, a string or a fraction in (0, 1], got {budget}")
+    model_part = model.rstrip("/").split("/")[-1]  # a hub id or a path: its last part
+    return "__".join(_sanitise(p) for p in (dataset, model_part, policy, budget_part))
+
+
+class RunFolder:
+    """The files of one run, resumable item by item.
+
+    Args:
+        root: folder holding all runs (created if needed).
+        name: the run's folder name, e.g. from :func:`run_name`; must be a plain name, not a path.
+    """
+
+    def __init__(self, root: str | Path, name: str) -> None:
+        if not name or name != _UNSAFE.sub("-", name) or name in (".", ".."):
+            raise ValueError(f"run folder name {name!r} must be non-empty and use only [A-Za-z0-9._-]")
+        self.path = Path(root) / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.path / "config.json"
+        self.predictions_path = self.path / "predictions.jsonl"
+        self.metrics_path = self.path / "metrics.json"
+        self._repaired = False
+
+    def start(self, config: Mapping) -> None:
+        """Write ``config.json``, or check that an existing one is the same (a resumed run)."""
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        if self.config_path.exists():
+            if json.loads(self.config_path.read_text(encoding="utf-8")) != json.loads(text):
+                raise ValueError(f"{self.config_path} holds a different config; use another run name or delete it")
+            return
+        self.config_path.write_text(text + "\n", encoding="utf-8")
+
+    def config(self) -> dict:
+        return json.loads(self.config_path.read_text(encoding="utf-8"))
+
+    def _read(self) -> tuple[list[dict], int]:
+        """The valid records and the byte offset where the next record must start.
+
+        A bad line followed only by blank space is an interrupted write: it is ignored with a warning and
+        the offset points at its start. A bad line anywhere else raises a ValueError naming the line.
+        """
+        if not self.predictions_path.exists():
+            return [], 0
+        data = self.predictions_path.read_bytes()
+        records: list[dict] = []
+        start = line_no = 0
+        while start < len(data):
+            newline = data.find(b"\n", start)
+            end = len(data) if newline == -1 else newline + 1
+            line_no += 1
+            raw = data[start:end]
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                    if not isinstance(record, dict) or "item_id" not in record:
+                        raise ValueError("not an object with an item_id")
+                except ValueError as err:
+                    if data[end:].strip():
+                        where = f"{self.predictions_path}:{line_no}"
+                        raise ValueError(f"{where}: corrupt prediction line ({err})") from None
+                    warnings.warn(f"{self.predictions_path}:{line_no}: ignoring an incomplete last line ({err})")
+                    return records, start
+                records.append(record)
+            start = end
+        return records, len(data)
+
+    def predictions(self) -> list[dict]:
+        """Every finished record, in the order written."""
+        return self._read()[0]
+
+    def done_ids(self) -> set[str]:
+        """``item_id`` of every finished record."""
+        return {str(r["item_id"]) for r in self.predictions()}
+
+    def append_prediction(self, record: Mapping) -> None:
+        """Append one record (must hold ``item_id``) as one JSON line, flushed and fsynced; the first append of
+        this object first removes a partial last line (see :meth:`_read`)."""
+        if "item_id" not in record:
+            raise ValueError("a prediction record needs an item_id")
+        line = json.dumps(dict(record), ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+        if not self._repaired:
+            self._repair()
+        with self.predictions_path.open("ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _repair(self) -> None:
+        """Cut a partial last line left by a killed run and end the file with a newline (once per object)."""
+        _, good_end = self._read()
+        with self.predictions_path.open("r+b" if self.predictions_path.exists() else "wb") as handle:
+            handle.truncate(good_end)
+            if good_end:
+                handle.seek(good_end - 1)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
+        self._repaired = True
+
+    def write_metrics(self, metrics: Mapping, update: bool = False) -> dict:
+        """Write ``metrics.json`` (merged into the existing one if ``update``) atomically; returns it."""
+        merged = {**(self.metrics() if update else {}), **metrics}
+        tmp = self.metrics_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+        return merged
+
+    def metrics(self) -> dict:
+        """The content of ``metrics.json``, empty if not written yet."""
+        if not self.metrics_path.exists():
+            return {}
+        return json.loads(self.metrics_path.read_text(encoding="utf-8"))
+
+
+def _cell(value, float_digits: int) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{float_digits}f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, float_digits: int = 2) -> str:
+    """A fixed-width text table: a header, a rule and one line per row; numbers right-aligned, text
+    left-aligned, missing cells "-". ``columns`` defaults to the keys in first-seen order."""
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    if not columns:
+        raise ValueError("format_table needs at least one column")
+    cells = [[_cell(row.get(c), float_digits) for c in columns] for row in rows]
+    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) for c in columns]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+
+    def fmt(values: Iterable[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([fmt(columns), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells])
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_score_vs_memory(
+    rows: Sequence[Mapping],
+    path: str | Path,
+    score_key: str = "score",
+    memory_key: str = "kv_retained_pct",
+    method_key: str = "method",
+    title: str | None = None,
+) -> Path:
+    """Score against mean retained KV (%) as a PNG: one marker style per method, its points joined in order
+    of memory, each method in the legend and each point labelled with its method name."""
+    if not rows:
+        raise ValueError("plot_score_vs_memory needs at least one row")
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        missing = [k for k in (score_key, memory_key, method_key) if k not in row]
+        if missing:
+            raise ValueError(f"row {dict(row)} lacks {', '.join(missing)}")
+        by_method.setdefault(str(row[method_key]), []).append((float(row[memory_key]), float(row[score_key])))
+    figure = Figure(figsize=(6, 4.5))
+    axes = figure.add_subplot()
+    for i, (method, points) in enumerate(by_method.items()):
+        points.sort()
+        xs, ys = zip(*points)
+        axes.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], linestyle="-", label=method)
+        for x, y in points:
+            axes.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes.set_xlabel("mean retained KV cache (%)")
+    axes.set_ylabel(score_key)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    if title:
+        axes.set_title(title)
+    return _save(figure, path)
+
+
+def plot_retention_per_layer(
+    per_layer: Mapping[str, Sequence[float]], path: str | Path, title: str | None = None
+) -> Path:
+    """Retained KV (%) against layer index as a PNG, one line with markers per method."""
+    if not per_layer or not all(len(v) for v in per_layer.values()):
+        raise ValueError("plot_retention_per_layer needs at least one method with at least one layer")
+    figure = Figure(figsize=(7, 4))
+    axes = figure.add_subplot()
+    for i, (method, values) in enumerate(per_layer.items()):
+        axes.plot(range(len(values)), list(values), marker=_MARKERS[i % len(_MARKERS)], label=str(method))
+    axes.set_xlabel("layer")
+    axes.set_ylabel("retained KV cache (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    if title:
+        axes.set_title(title)
+    return _save(figure, path)

@@ -72,12 +72,16 @@ class KeepDecision:
 
     Attributes:
         indices: (B, H, K) int64 indices into the N slots of the :class:`LayerView`, ascending along K
-            (chronological order is preserved). K is the same for every row and head of the layer; rows or
-            heads that keep fewer real tokens are padded by the policy with slots it chooses, and
-            ``valid`` (gathered by the runtime) says which are visible.
+            (chronological order is preserved). K is the same for every row and head of the layer, because
+            the cache is a dense tensor; rows that keep fewer tokens are padded with slots the policy chooses.
+        visible: optional (B, H, K) bool, False for padding slots that only align a row's count with the
+            other rows of the batch: the runtime masks them (never attended, chosen last later). None means
+            every kept slot stays visible. (Within one row, the NAMM's own count alignment across heads keeps
+            its "filler" tokens visible, as the official implementation does, namm-spec.md §4.)
     """
 
     indices: torch.Tensor
+    visible: torch.Tensor | None = None
 
     @property
     def kept(self) -> int:

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from namm_transfer.namm.baselines import (
-    BASELINES, FullCachePolicy, H2OPolicy, L2NormPolicy, RandomPolicy, RecencyPolicy, keep_top, make_baseline,
+    BASELINES, FullCachePolicy, H2OPolicy, L2NormPolicy, RandomPolicy, RecencyPolicy, make_baseline,
 )
 from namm_transfer.namm.budget import FixedRatioBudget, MatchedBudget, RetentionRecord
 from namm_transfer.namm.interface import EvictionPolicy, LayerView
+from namm_transfer.namm.selection import keep_top
 
 
 def random_attention(valid: torch.Tensor, n_new: int, generator: torch.Generator) -> torch.Tensor:

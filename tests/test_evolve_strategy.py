@@ -18,7 +18,7 @@ def toy_fitness(population: np.ndarray) -> np.ndarray:
 def test_config_defaults_are_the_paper_settings():
     config = EvolutionConfig()
     assert (config.num_params, config.population_size, config.sigma0, config.mu) == (4172, 32, 0.065, 16)
-    assert not config.diagonal and config.init_value == 0.0
+    assert not config.diagonal and config.init_score == 0.0
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ def test_config_defaults_are_the_paper_settings():
         ({"elite_ratio": 0.0}, "elite_ratio"),
         ({"elite_ratio": 1.5}, "elite_ratio"),
         ({"num_params": 1}, "num_params"),
-        ({"init_value": float("inf")}, "init_value"),
+        ({"init_score": float("inf")}, "init_score"),
         ({"seed": -1}, "seed"),
     ],
 )
@@ -55,12 +55,14 @@ def test_mean_update_is_weighted_recombination_of_the_best_half():
     assert es.generation == 1
 
 
-def test_initial_mean_is_the_init_value_and_population_is_centred_on_it():
-    es = CmaEs(EvolutionConfig(num_params=20, population_size=8, init_value=0.25, sigma0=0.01))
-    assert np.array_equal(es.mean, np.full(20, 0.25))
+def test_initial_mean_is_the_score_initializer_and_population_is_centred_on_it():
+    es = CmaEs(EvolutionConfig(num_params=20, population_size=8, init_score=0.25, sigma0=0.01))
+    expected = np.zeros(20)
+    expected[-1] = 0.25  # the read-out bias: every token scores 0.25
+    assert np.array_equal(es.mean, expected)
     population = es.ask()
     assert population.shape == (8, 20) and population.dtype == np.float64
-    assert np.abs(population - 0.25).max() < 0.1
+    assert np.abs(population - expected).max() < 0.1
 
 
 @pytest.mark.parametrize("diagonal", [False, True])

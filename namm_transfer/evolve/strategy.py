@@ -46,8 +46,11 @@ class EvolutionConfig:
         sigma0: initial step size σ0.
         elite_ratio: μ = max(1, floor(λ · elite_ratio)) members get positive recombination weights
             (``cma`` option ``CMA_mu``).
-        init_value: every entry of the initial mean m0 (0.0 = the zero init of §3.2; field-notes §7 reports
-            that a positive constant can help threshold-mode NAMMs on small models).
+        init_score: the score initializer (namm-spec §3.2, ``scoring_initializer``): m0 is zero except its
+            last entry, the BAM read-out bias, which is ``init_score``; the initial mean therefore scores every
+            token exactly ``init_score`` (0.0 in the paper: keep everything). field-notes §7 reports that a
+            positive value helps threshold-mode NAMMs on small models, where a small perturbation of zero
+            weights can evict almost every token.
         seed: seed of the private normal generator.
         diagonal: sep-CMA-ES (diagonal covariance) instead of full covariance; see the module docstring.
     """
@@ -56,7 +59,7 @@ class EvolutionConfig:
     population_size: int = 32
     sigma0: float = 0.065
     elite_ratio: float = 0.5
-    init_value: float = 0.0
+    init_score: float = 0.0
     seed: int = 1337
     diagonal: bool = False
 
@@ -70,8 +73,8 @@ class EvolutionConfig:
             problems.append(f"sigma0 must be a finite number > 0, got {self.sigma0}")
         if not 0.0 < self.elite_ratio <= 1.0:
             problems.append(f"elite_ratio must be in (0, 1], got {self.elite_ratio}")
-        if not math.isfinite(self.init_value):
-            problems.append(f"init_value must be finite, got {self.init_value}")
+        if not math.isfinite(self.init_score):
+            problems.append(f"init_score must be finite, got {self.init_score}")
         if not 0 <= self.seed < 2**63:
             problems.append(f"seed must be in [0, 2**63), got {self.seed}")
         if problems:
@@ -114,7 +117,8 @@ class CmaEs:
             "verb_disp": 0,
             "verb_log": 0,  # no outcmaes/ files
         }
-        x0 = np.full(config.num_params, config.init_value, dtype=np.float64)
+        x0 = np.zeros(config.num_params, dtype=np.float64)
+        x0[-1] = config.init_score
         self._es = cma.CMAEvolutionStrategy(x0, config.sigma0, options)
 
     def ask(self) -> np.ndarray:

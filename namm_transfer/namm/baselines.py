@@ -15,7 +15,7 @@ padding slots (``view.valid`` False) only when the real tokens do not fill the b
 * :class:`RandomPolicy`: uniform random slots, seeded.
 * :class:`FullCachePolicy`: keeps everything (the full-cache reference as a policy).
 
-All rules share one selection routine, :func:`keep_top`.
+All rules share one selection routine, :func:`namm_transfer.namm.selection.keep_top`.
 """
 
 from __future__ import annotations
@@ -28,39 +28,7 @@ import torch
 
 from namm_transfer.namm.budget import Budget
 from namm_transfer.namm.interface import EvictionPolicy, KeepDecision, LayerView
-
-
-def keep_top(scores: torch.Tensor, k: int, valid: torch.Tensor, forced: torch.Tensor | None = None) -> KeepDecision:
-    """Keep ``k`` slots per (row, head), ranked by tier, then by score.
-
-    Tiers, highest first: the newest slot (index N-1, always kept); ``forced`` valid slots; other valid
-    slots; padding slots. Within a tier the higher score wins and ties go to the lower slot index, so the
-    result is deterministic.
-
-    Args:
-        scores: (B, H, N) float, higher = more worth keeping; NaN is rejected.
-        k: slots to keep, in [1, N].
-        valid: (B, H, N) bool, False for padding slots.
-        forced: (B, H, N) bool or None, slots to keep before any other (a recent window, sinks).
-
-    Returns:
-        KeepDecision with indices (B, H, k) int64, ascending along k.
-    """
-    if scores.dim() != 3 or valid.shape != scores.shape:
-        raise ValueError(f"scores and valid must both be (B, H, N), got {tuple(scores.shape)} and {tuple(valid.shape)}")
-    n = scores.shape[-1]
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot keep {k} of {n} slots: k must be in [1, {n}]")
-    if torch.isnan(scores).any():
-        raise ValueError("eviction scores contain NaN")
-    tier = valid.to(torch.int8)
-    if forced is not None:
-        tier = torch.where(forced & valid, 2, tier).to(torch.int8)
-    tier[..., -1] = 3
-    by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    by_tier = torch.sort(tier.gather(-1, by_score), dim=-1, descending=True, stable=True).indices
-    chosen = by_score.gather(-1, by_tier[..., :k])
-    return KeepDecision(indices=torch.sort(chosen, dim=-1).values)
+from namm_transfer.namm.selection import keep_top
 
 
 def _recent_window(n: int, count: int, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""The NAMM eviction policy: per-sequence, per-layer state machine (namm-spec §1.4, §2-§4).
+
+At every step of a managed layer the policy turns the attention of the ``n_new`` recent queries into
+features (carrying each token's spectrogram EMA and attention tail from the previous step), scores the
+cached slots with the BAM of each batch row's population member and keeps the slots selected by the
+threshold rule with count alignment; its per-token state is then gathered with the kept indices
+(pitfall 6).
+
+In statistics mode (generation 0 of evolution, §5.6) the policy keeps every slot and feeds the
+unnormalised spectrogram EMA of all valid slots to a :class:`StatsAccumulator` instead of scoring.
+
+Shapes: B = batch rows, H = KV heads, N = cached slots, P = population members.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from namm_transfer.namm.config import NammConfig
+from namm_transfer.namm.features import (
+    NormalisationStats,
+    SpectralState,
+    StatsAccumulator,
+    spectral_ema_step,
+    token_features,
+)
+from namm_transfer.namm.interface import KeepDecision, LayerView
+from namm_transfer.namm.scorer import bam_scores
+from namm_transfer.namm.selection import protected_slots, select_tokens
+
+
+class NammPolicy:
+    """A NAMM implementing :class:`~namm_transfer.namm.interface.EvictionPolicy` (name ``"namm"``).
+
+    Args:
+        config: feature, scorer and selection settings.
+        params: (num_params,) or (P, num_params) flat BAM parameters (namm-spec §3.2); scoring mode.
+        stats: frozen normalisation statistics of the spectrogram features (§2.4); scoring mode.
+        accumulator: statistics mode instead of ``params``/``stats``: keep every slot and accumulate
+            feature statistics (§5.6).
+    """
+
+    name = "namm"
+
+    def __init__(
+        self,
+        config: NammConfig,
+        params: torch.Tensor | None = None,
+        stats: NormalisationStats | None = None,
+        accumulator: StatsAccumulator | None = None,
+    ) -> None:
+        self.config = config
+        if accumulator is None:
+            if params is None or stats is None:
+                raise ValueError("NammPolicy needs params and stats, or an accumulator (statistics mode)")
+            if params.dim() == 1:
+                params = params.unsqueeze(0)
+            if params.dim() != 2 or params.shape[1] != config.num_params:
+                raise ValueError(
+                    f"params must be ({config.num_params},) or (P, {config.num_params}), "
+                    f"got {tuple(params.shape)}"
+                )
+            if not torch.isfinite(params).all():
+                raise ValueError("params contain non-finite values")
+            if stats.mean.shape != (config.spectrogram_bins,):
+                raise ValueError(
+                    f"stats must have {config.spectrogram_bins} features, got {tuple(stats.mean.shape)}"
+                )
+            params = params.float()
+        else:
+            if params is not None or stats is not None:
+                raise ValueError("statistics mode (accumulator) takes no params or stats")
+            if accumulator.num_features != config.spectrogram_bins:
+                raise ValueError(
+                    f"accumulator must have {config.spectrogram_bins} features, got {accumulator.num_features}"
+                )
+        self.params = params
+        self.stats = stats
+        self.accumulator = accumulator
+        self._member: torch.Tensor | None = None
+        self._states: list[SpectralState | None] | None = None
+        self._batch_size = 0
+
+    @property
+    def population_size(self) -> int:
+        """P, the number of parameter vectors (0 in statistics mode)."""
+        return 0 if self.params is None else self.params.shape[0]
+
+    def set_members(self, member: torch.Tensor) -> None:
+        """Use population row ``member[b]`` for batch row b; member is (B,) int64 in [0, P)."""
+        if self.params is None:
+            raise ValueError("set_members needs params: this policy is in statistics mode")
+        if member.dim() != 1 or member.dtype != torch.int64:
+            raise ValueError(f"member must be a 1-D int64 tensor, got {member.dtype} {tuple(member.shape)}")
+        if member.numel() and not (0 <= int(member.min()) and int(member.max()) < self.population_size):
+            raise ValueError(f"member values must lie in [0, {self.population_size})")
+        self._member = member
+
+    def layer_state(self, layer: int) -> SpectralState | None:
+        """The per-token state of ``layer`` after its last step ((B, H, K, S) EMA, (B, H, K, T) tail)."""
+        if self._states is None:
+            raise ValueError("NammPolicy.layer_state called before begin()")
+        return self._states[layer]
+
+    def begin(self, batch_size: int, num_layers: int) -> None:
+        """Start a new batch of sequences: drop every layer's state."""
+        if batch_size < 1 or num_layers < 1:
+            raise ValueError(f"batch_size and num_layers must be >= 1, got {batch_size} and {num_layers}")
+        self._batch_size = batch_size
+        self._states = [None] * num_layers
+
+    def step(self, view: LayerView) -> KeepDecision:
+        """Features, scores and selection for one layer; gathers the layer's state with the kept indices.
+
+        ``view.attention()`` is (B, H, n_new, N) GQA-averaged attention (any float dtype, used in fp32).
+        State is reset at a sequence's first step (``view.step == 0``) or when the layer has none; old
+        slots are the first N - n_new and must match the state kept by the previous step.
+        """
+        if self._states is None:
+            raise ValueError("NammPolicy.step called before begin()")
+        if not 0 <= view.layer < len(self._states):
+            raise ValueError(f"layer {view.layer} is outside the {len(self._states)} layers given to begin()")
+        batch, heads, slots = view.batch_size, view.num_heads, view.num_slots
+        if batch != self._batch_size:
+            raise ValueError(f"view has {batch} batch rows, begin() was given {self._batch_size}")
+        attention = view.attention()
+        if tuple(attention.shape) != (batch, heads, view.n_new, slots):
+            raise ValueError(
+                f"attention must be (B, H, n_new, N) = {(batch, heads, view.n_new, slots)}, "
+                f"got {tuple(attention.shape)}"
+            )
+        previous = None if view.step == 0 else self._states[view.layer]
+        state = spectral_ema_step(attention, previous, self.config)
+
+        if self.accumulator is not None:
+            self.accumulator.update(state.ema, view.valid)
+            self._states[view.layer] = state
+            indices = torch.arange(slots, device=attention.device).expand(batch, heads, slots)
+            return KeepDecision(indices=indices)
+
+        member = self._member
+        if member is None:
+            member = torch.zeros(batch, dtype=torch.int64)
+        elif member.shape != (batch,):
+            raise ValueError(f"set_members gave {member.shape[0]} rows, the view has {batch}")
+        features = token_features(state, view.token_index, self.stats, self.config)
+        scores = bam_scores(features, self.params, member, self.config, view.valid)
+        protected = protected_slots(
+            view.token_index,
+            view.valid,
+            view.prompt_length,
+            self.config.protect_sink,
+            self.config.protect_prompt_tail,
+        )
+        decision = select_tokens(scores, view.valid, self.config.threshold, protected, self.config.cache_cap)
+        self._states[view.layer] = state.gather(decision.indices)
+        return decision

@@ -236,3 +236,14 @@ def torch_equal(params, mean):
 if __name__ == "__main__":
     run_dir, pop_dir, hook_file, block_at = sys.argv[1:]
     run(Path(run_dir), Path(pop_dir), Path(hook_file), block_at=int(block_at))
+
+
+def test_time_limit_stops_after_a_whole_generation_and_the_run_resumes_identically(tmp_path):
+    uninterrupted, _ = run(tmp_path / "a", tmp_path / "pa", tmp_path / "ha")
+    recorder = Recorder(tmp_path / "pb")
+    state = evolve(recorder, CONFIG, tmp_path / "b", STAGES, estimate_statistics=CountingHook(tmp_path / "hb"),
+                   progress=False, stop_after_seconds=0.0)
+    assert state.generation == 1 and len(read_log(tmp_path / "b")) == 1  # one generation, then out of time
+    resumed, _ = run(tmp_path / "b", tmp_path / "pb", tmp_path / "hb")
+    assert resumed.generation == 4
+    assert np.array_equal(resumed.strategy.mean, uninterrupted.strategy.mean)

@@ -142,6 +142,7 @@ def evolve(
     save_mean: MeanSaver | None = None,
     world: World | None = None,
     progress: bool = True,
+    stop_after_seconds: float | None = None,
 ) -> RunState | None:
     """Run (or continue) CMA-ES over ``stages``, checkpointing into ``run_dir`` after every generation.
 
@@ -156,6 +157,8 @@ def evolve(
         save_mean: writes the mean as a model file each generation (:func:`~namm_transfer.evolve.state.namm_mean_saver`).
         world: the ranks; default :meth:`World.from_env`.
         progress: show a tqdm bar over generations (rank 0).
+        stop_after_seconds: stop cleanly after the first generation that ends this long after the call
+            began (the run resumes later from its checkpoint); None = run every generation of ``stages``.
 
     Returns:
         The final :class:`RunState` on rank 0, None on other ranks.
@@ -173,8 +176,13 @@ def evolve(
     start, statistics = world.broadcast_object((state.generation, state.statistics) if world.is_main else None)
 
     bar = tqdm(total=total, initial=start, unit="gen", desc="evolve", disable=not (progress and world.is_main))
+    called = time.perf_counter()
     try:
         for generation in range(start, total):
+            if stop_after_seconds is not None and generation > start:
+                out_of_time = time.perf_counter() - called >= stop_after_seconds
+                if world.broadcast_object(out_of_time if world.is_main else None):
+                    break
             began = time.perf_counter()
             stage_index = _stage_of(stages, generation)
             stage = stages[stage_index]

@@ -1,0 +1,339 @@
+"""EvictingCache and the evicting attention on synthetic tensors: arrival bookkeeping, the lazy policy schedule,
+gathers, padding, the recomputed recent attention and the forward attention against dense references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from namm_transfer.namm.budget import RetentionRecord
+from namm_transfer.namm.interface import KeepDecision
+from namm_transfer.runtime.attention import (
+    active_layer_for,
+    evicting_attention,
+    namm_attention_forward,
+    visibility_mask,
+)
+from namm_transfer.runtime.cache import CacheConfig, EvictingCache
+
+B, H, HQ, D = 2, 2, 4, 8
+SCALE = D**-0.5
+
+
+def feed(cache: EvictingCache, layer: int, n: int, window: int | None = None, batch: int = B) -> torch.Tensor:
+    """Append n random tokens to ``layer`` and attend with n random queries, as a model layer would."""
+    keys, values = cache.update(torch.randn(batch, H, n, D), torch.randn(batch, H, n, D), layer)
+    query = torch.randn(batch, HQ, n, D)
+    return evicting_attention(cache.layers[layer], query, keys, values, SCALE, window)
+
+
+def dense_visible(token_index, valid, query_index, window=None):
+    """Reference visibility built element by element from the rule's definition."""
+    b, h, n = token_index.shape
+    out = torch.zeros(b, h, len(query_index), n, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for qi, q in enumerate(query_index.tolist()):
+                for j in range(n):
+                    t = int(token_index[bi, hi, j])
+                    out[bi, hi, qi, j] = t <= q and bool(valid[bi, hi, j]) and (window is None or t > q - window)
+    return out
+
+
+class DropOddPolicy:
+    """Keeps slots with an even arrival index plus the newest (same set for every row and head)."""
+
+    name = "drop_odd"
+
+    def __init__(self):
+        self.views = []
+
+    def begin(self, batch_size, num_layers):
+        self.views.clear()
+
+    def step(self, view):
+        self.views.append(view)
+        keep = (view.token_index[0, 0] % 2 == 0).clone()
+        keep[-1] = True
+        idx = keep.nonzero().flatten()
+        return KeepDecision(idx.expand(view.batch_size, view.num_heads, -1).clone())
+
+
+class HeadwisePolicy:
+    """Head h keeps the slots with arrival index % (h + 2) != 1, plus the newest: ragged sets across heads, padded
+    to a common count with the lowest unchosen slots."""
+
+    name = "headwise"
+
+    def begin(self, batch_size, num_layers):
+        pass
+
+    def step(self, view):
+        b, h, n = view.token_index.shape
+        want = torch.stack([(view.token_index[:, i] % (i + 2)) != 1 for i in range(h)], dim=1)
+        want[..., -1] = True
+        k = int(want.sum(-1).max())
+        rank = (~want).long() * n + torch.arange(n)
+        chosen = rank.argsort(dim=-1)[..., :k]
+        return KeepDecision(chosen.sort(dim=-1).values)
+
+
+class ConstantPolicy:
+    """Returns a fixed, possibly malformed, decision."""
+
+    name = "constant"
+
+    def __init__(self, indices, visible=None):
+        self.indices, self.visible = indices, visible
+
+    def begin(self, batch_size, num_layers):
+        pass
+
+    def step(self, view):
+        return KeepDecision(self.indices, self.visible)
+
+
+def test_cache_config_validation():
+    assert CacheConfig().update_every == 512 and CacheConfig().torch_attention_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="update_every must be >= 1"):
+        CacheConfig(update_every=0)
+    with pytest.raises(ValueError, match="attention_dtype"):
+        CacheConfig(attention_dtype="float16")
+    with pytest.raises(ValueError, match="attention_chunk"):
+        CacheConfig(attention_chunk=0)
+    with pytest.raises(ValueError, match="managed_layers"):
+        EvictingCache(None, 2, {2})
+
+
+def test_update_tracks_arrivals_lengths_and_exact_bytes():
+    torch.manual_seed(0)
+    cache = EvictingCache(None, 2)
+    for n in (5, 3):
+        for layer in range(2):
+            feed(cache, layer, n)
+    layer = cache.layers[0]
+    assert cache.get_seq_length() == 8
+    assert torch.equal(layer.token_index, torch.arange(8).expand(B, H, 8))
+    assert layer.valid.all()
+    assert cache.kept_per_layer() == [8, 8]
+    assert cache.kv_bytes() == 2 * (2 * B * H * 8 * D * 4)
+    assert cache.kv_bytes_peak == cache.kv_bytes()
+    assert cache.get_mask_sizes(3, 0) == (11, 0)
+    assert layer.queries is None and layer.pending == 0  # no policy: no buffer, no steps
+
+
+def test_step_runs_lazily_at_the_next_update_and_gathers():
+    torch.manual_seed(0)
+    policy = DropOddPolicy()
+    cache = EvictingCache(policy, 1, config=CacheConfig(update_every=4))
+    feed(cache, 0, 4)
+    assert cache.retention == [] and cache.layers[0].pending == 4
+    keys_before = cache.layers[0].keys.clone()
+    feed(cache, 0, 1)  # the due step runs before this token is appended
+    view = policy.views[0]
+    assert (view.step, view.n_new, view.num_slots, view.layer) == (0, 4, 4, 0)
+    assert cache.retention == [RetentionRecord(step=0, layer=0, slots_before=4, kept=3)]
+    layer = cache.layers[0]
+    assert torch.equal(layer.token_index[0, 0], torch.tensor([0, 2, 3, 4]))
+    assert torch.equal(layer.keys[:, :, :3], keys_before[:, :, [0, 2, 3]])
+    feed(cache, 0, 3)
+    cache.flush()
+    assert [v.n_new for v in policy.views] == [4, 4] and policy.views[1].step == 1
+    assert torch.equal(layer.token_index[0, 0], torch.tensor([0, 2, 4, 6, 7]))
+    assert layer.pending == 0 and layer.queries is None
+
+
+def test_one_large_chunk_gives_one_step_over_all_new_tokens():
+    policy = DropOddPolicy()
+    cache = EvictingCache(policy, 1, config=CacheConfig(update_every=4))
+    feed(cache, 0, 10)
+    cache.flush()
+    assert [v.n_new for v in policy.views] == [10]
+    assert cache.retention == [RetentionRecord(0, 0, 10, 6)]
+
+
+def test_begin_marks_left_padding_invalid_and_validates():
+    policy = DropOddPolicy()
+    cache = EvictingCache(policy, 1, config=CacheConfig(update_every=4))
+    cache.begin(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    feed(cache, 0, 3)
+    feed(cache, 0, 3)
+    valid = cache.layers[0].valid
+    assert valid[0, :, :2].eq(False).all() and valid[0, :, 2:].all() and valid[1].all()
+    cache.flush()
+    assert torch.equal(policy.views[0].prompt_length, torch.tensor([5, 5]))
+    with pytest.raises(ValueError, match="left-padded"):
+        cache.begin(torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="no token"):
+        cache.begin(torch.tensor([[0, 0], [1, 1]]))
+    with pytest.raises(ValueError, match="2-D"):
+        cache.begin(torch.ones(1, 1, 3))
+    cache.begin(torch.ones(3, 4))
+    with pytest.raises(ValueError, match="declared 3 rows"):
+        feed(cache, 0, 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_recent_attention_matches_a_dense_reference(dtype):
+    """Padding, a prior eviction that differs per head, and causality inside the recent block."""
+    torch.manual_seed(1)
+    seen = []
+
+    class Capture(HeadwisePolicy):
+        def step(self, view):
+            seen.append((view, cache.layers[view.layer].queries.clone(), view.attention()))
+            return super().step(view)
+
+    cache = EvictingCache(Capture(), 1, config=CacheConfig(update_every=6, attention_dtype=dtype, attention_chunk=4))
+    cache.begin(torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8]))
+    feed(cache, 0, 6)
+    feed(cache, 0, 6)
+    cache.flush()
+    view, queries, got = seen[1]  # second step: cache pruned per head, padding present
+    n_new, n = view.n_new, view.num_slots
+    visible = dense_visible(view.token_index, view.valid, torch.arange(12 - n_new, 12))
+    visible &= view.valid[:, :, n - n_new :, None]  # padding queries see nothing
+    # reference: per query head softmax over visible slots, rounded, averaged per KV head in that dtype
+    logits = torch.einsum("bhqd,bhnd->bhqn", queries, view.keys.repeat_interleave(HQ // H, dim=1)) * SCALE
+    mask = visible.repeat_interleave(HQ // H, dim=1)
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0) * mask
+    torch_dtype = getattr(torch, dtype)
+    ref = probs.to(torch_dtype).view(B, H, HQ // H, n_new, n).mean(dim=2).float()
+    assert got.shape == (B, H, n_new, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-6 if dtype == "float32" else 8e-3, rtol=0)
+    assert torch.equal(got, got.to(torch_dtype).float())  # values are exactly representable in the dtype
+    assert (got[~visible] == 0).all()
+    row_sums = got.sum(-1)
+    real_rows = view.valid[:, :, n - n_new :]
+    torch.testing.assert_close(row_sums[real_rows], torch.ones(int(real_rows.sum())), atol=2e-2, rtol=0)
+    assert (row_sums[~real_rows] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "padded, window, q_len",
+    [(True, 8, 3), (False, None, 3), (False, None, 1)],
+    ids=["padding-and-window", "fast-path-chunk", "fast-path-one-query"],
+)
+def test_evicting_attention_matches_dense_reference_on_a_ragged_cache(padded, window, q_len):
+    torch.manual_seed(2)
+    cache = EvictingCache(HeadwisePolicy(), 1, config=CacheConfig(update_every=6))
+    cache.begin(torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7]) if padded else None)
+    feed(cache, 0, 6)
+    feed(cache, 0, 1)  # step 0 runs here (ragged per head)
+    layer = cache.layers[0]
+    assert not torch.equal(layer.token_index[:, 0], layer.token_index[:, 1]) and layer.has_invalid == padded
+    keys, values = cache.update(torch.randn(B, H, q_len, D), torch.randn(B, H, q_len, D), 0)
+    query = torch.randn(B, HQ, q_len, D)
+    got = evicting_attention(layer, query, keys, values, SCALE, sliding_window=window)
+    query_index = torch.arange(7, 7 + q_len)
+    visible = dense_visible(layer.token_index, layer.valid, query_index, window=window)
+    for b in range(B):
+        for hq in range(HQ):
+            h = hq // (HQ // H)
+            for i in range(q_len):
+                sel = visible[b, h, i]
+                weights = torch.softmax((keys[b, h, sel] @ query[b, hq, i]) * SCALE, dim=0)
+                torch.testing.assert_close(got[b, hq, i], weights @ values[b, h, sel], atol=1e-5, rtol=0)
+    torch.testing.assert_close(visibility_mask(layer.token_index, layer.valid, query_index, window), visible)
+
+
+def test_padding_query_rows_are_zero_and_finite():
+    cache = EvictingCache(None, 1)
+    cache.begin(torch.tensor([[0, 0, 1], [1, 1, 1]]))
+    out = feed(cache, 0, 3)
+    assert torch.isfinite(out).all()
+    assert (out[0, :, :2] == 0).all() and (out[0, :, 2] != 0).any()
+
+
+@pytest.mark.parametrize(
+    "indices, message",
+    [
+        (torch.tensor([[[1, 0]] * H] * B), "strictly ascending"),
+        (torch.tensor([[[0, 9]] * H] * B), "strictly ascending"),
+        (torch.zeros(B, H, 0, dtype=torch.long), "keeps 0 slots"),
+        (torch.zeros(B, 1, 2, dtype=torch.long), "must be int64 of shape"),
+        (torch.zeros(B, H, 2), "must be int64 of shape"),
+        ((torch.tensor([[[0, 1]] * H] * B), torch.ones(B, H, 3, dtype=torch.bool)), "visible must be bool of shape"),
+        ((torch.tensor([[[0, 1]] * H] * B), torch.ones(B, H, 2)), "visible must be bool of shape"),
+    ],
+)
+def test_malformed_decisions_raise(indices, message):
+    policy = ConstantPolicy(*indices) if isinstance(indices, tuple) else ConstantPolicy(indices)
+    cache = EvictingCache(policy, 1, config=CacheConfig(update_every=4))
+    feed(cache, 0, 4)
+    with pytest.raises(ValueError, match=message):
+        cache.flush()
+
+
+def test_slots_kept_invisible_are_masked_like_padding():
+    """KeepDecision.visible: a row padded to the batch's count keeps slots that are never attended."""
+    torch.manual_seed(4)
+    visible = torch.ones(B, H, 4, dtype=torch.bool)
+    visible[0, :, 1] = False  # row 0 keeps slot 1 only to align its count
+    cache = EvictingCache(ConstantPolicy(torch.arange(4).expand(B, H, 4).clone(), visible), 1,
+                          config=CacheConfig(update_every=4))
+    feed(cache, 0, 4)
+    cache.flush()
+    layer = cache.layers[0]
+    assert torch.equal(layer.valid, visible) and layer.has_invalid
+    layer.values[0, :, 1] = 1.0e6  # poison the invisible slot
+    keys, values = cache.update(torch.randn(B, H, 2, D), torch.randn(B, H, 2, D), 0)
+    query = torch.randn(B, HQ, 2, D)
+    got = evicting_attention(layer, query, keys, values, SCALE)
+    visible_slots = dense_visible(layer.token_index, layer.valid, torch.arange(4, 6))
+    for b in range(B):
+        for hq in range(HQ):
+            for i in range(2):
+                sel = visible_slots[b, hq // (HQ // H), i]
+                weights = torch.softmax((keys[b, hq // (HQ // H), sel] @ query[b, hq, i]) * SCALE, dim=0)
+                torch.testing.assert_close(got[b, hq, i], weights @ values[b, hq // (HQ // H), sel], atol=1e-5, rtol=0)
+
+
+def test_step_without_recorded_queries_says_to_attach():
+    cache = EvictingCache(DropOddPolicy(), 1, config=CacheConfig(update_every=2))
+    cache.update(torch.randn(B, H, 2, D), torch.randn(B, H, 2, D), 0)  # no evicting_attention call
+    with pytest.raises(ValueError, match="attach the model's adapter"):
+        cache.update(torch.randn(B, H, 1, D), torch.randn(B, H, 1, D), 0)
+
+
+def test_unmanaged_sliding_layer_is_never_stepped_and_holds_its_window():
+    policy = DropOddPolicy()
+    cache = EvictingCache(policy, 2, managed_layers={0}, config=CacheConfig(update_every=3))
+    for _ in range(4):
+        feed(cache, 0, 3)
+        feed(cache, 1, 3, window=4)
+    unmanaged = cache.layers[1]
+    assert {r.layer for r in cache.retention} == {0} and unmanaged.queries is None
+    # before the last chunk it was trimmed to window - 1 = 3 old tokens (6, 7, 8), then the chunk 9..11 arrived
+    assert torch.equal(unmanaged.token_index, torch.arange(6, 12).expand(B, H, 6))
+
+
+def test_active_layer_marker_and_sdpa_fallback():
+    torch.manual_seed(3)
+    cache = EvictingCache(None, 1)
+    keys, values = cache.update(torch.randn(1, H, 4, D), torch.randn(1, H, 4, D), 0)
+    assert active_layer_for(keys) is cache.layers[0]
+    assert active_layer_for(keys.clone()) is None
+
+    class Module(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = HQ // H
+
+    query = torch.randn(1, HQ, 4, D)
+    other_k, other_v = torch.randn(1, H, 4, D), torch.randn(1, H, 4, D)
+    got, _ = namm_attention_forward(Module(), query, other_k, other_v, None, scaling=SCALE)
+    ref = F.scaled_dot_product_attention(
+        query, other_k.repeat_interleave(2, 1), other_v.repeat_interleave(2, 1), is_causal=True, scale=SCALE
+    )
+    torch.testing.assert_close(got, ref.transpose(1, 2))
+    with pytest.raises(ValueError, match="inference only"):
+        namm_attention_forward(Module(), query, keys, values, None, dropout=0.1, scaling=SCALE)
+
+
+def test_beam_search_operations_are_refused():
+    cache = EvictingCache(None, 1)
+    for call in (lambda: cache.reorder_cache(torch.tensor([0])), lambda: cache.crop(-1),
+                 lambda: cache.batch_repeat_interleave(2), lambda: cache.batch_select_indices(torch.tensor([0]))):
+        with pytest.raises(ValueError, match="does not support"):
+            call()

@@ -1,0 +1,188 @@
+"""The fitness of NAMM population members on the built-in long-context text tasks (namm-spec.md §5.2).
+
+Every generation, ``prompts_per_task`` train items per task of the stage are drawn from a fixed pool
+(deterministically from the generation number, so every rank and every resume draws the same prompts), and
+every member answers the same prompts. Per task, the raw score (mean metric over the prompts) is divided by the
+full-cache score of the same prompts (computed once per item, cached on disk); fitness is the mean over tasks:
+1.0 means full-cache parity.
+
+The pool holds only items the base model answers (score > 0) with the full cache. The paper draws 64 prompts
+per task, so the reference mean is never 0; with the handful of prompts a CPU run affords, a task whose drawn
+prompts all have reference 0 would divide by 1e-7 and hand a lucky member a huge fitness. Items the full cache
+fails say nothing about what eviction loses, so they are left out of the pool. Optionally ``memory_weight`` x (mean retained KV fraction) is subtracted, a
+sparsity term the official code has but does not use (§7, "Auxiliary losses"); it is 0 unless asked for.
+
+Members run batched: one forward holds ``members_per_batch`` rows of the same prompt, each row scored by its
+own parameter vector (§5.5), with per-row eviction counts (padding slots masked).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from namm_transfer.evals.text_tasks import TASKS, TextItem, make_item, token_counter
+from namm_transfer.evolve.loop import FitnessResult, Stage
+from namm_transfer.namm.config import NammConfig
+from namm_transfer.namm.features import NormalisationStats, StatsAccumulator
+from namm_transfer.namm.policy import NammPolicy
+from namm_transfer.text_eval import TextGenerator
+
+_REFERENCE_EPSILON = 1e-7  # namm-spec §5.2
+_MAX_CANDIDATES = 4  # train items tried per pool slot
+
+
+@dataclass(frozen=True)
+class TextFitnessConfig:
+    """Prompts a generation draws and how members are batched.
+
+    Attributes:
+        prompts_per_task: prompts per task and generation (64 in the paper; small on CPU).
+        pool_size: train items per task to draw from (seeds 0 .. pool_size-1).
+        length: prompt length in tokens.
+        depths: needle depths the pool cycles through.
+        members_per_batch: population members answering one prompt in one forward.
+        memory_weight: weight of the retained-KV penalty (0 = the paper's fitness).
+        seed: seed of the per-generation prompt draw.
+    """
+
+    prompts_per_task: int = 4
+    pool_size: int = 32
+    length: int = 1024
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    members_per_batch: int = 8
+    memory_weight: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.prompts_per_task <= self.pool_size:
+            problems.append(f"prompts_per_task must be in [1, pool_size={self.pool_size}], got {self.prompts_per_task}")
+        if self.length < 64:
+            problems.append(f"length must be >= 64 tokens, got {self.length}")
+        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
+            problems.append(f"depths must be a non-empty list in [0, 1], got {self.depths}")
+        if self.members_per_batch < 1:
+            problems.append(f"members_per_batch must be >= 1, got {self.members_per_batch}")
+        if self.memory_weight < 0:
+            problems.append(f"memory_weight must be >= 0, got {self.memory_weight}")
+        if problems:
+            raise ValueError("invalid TextFitnessConfig: " + "; ".join(problems))
+
+
+class TextFitness:
+    """Callable fitness for :func:`namm_transfer.evolve.loop.evolve`.
+
+    Args:
+        generator: answers prompts with the base model (its cache config sets the NAMM period).
+        namm_config: the NAMM's feature/selection settings.
+        config: prompt sampling and batching.
+        cache_dir: where the full-cache references are stored (``references.jsonl``), or None.
+    """
+
+    def __init__(
+        self, generator: TextGenerator, namm_config: NammConfig, config: TextFitnessConfig, cache_dir: Path | None
+    ) -> None:
+        self.generator = generator
+        self.namm_config = namm_config
+        self.config = config
+        self._count = token_counter(generator.tokenizer)
+        self._pool: dict[str, list[TextItem]] = {}
+        self._references_path = None if cache_dir is None else Path(cache_dir) / "references.jsonl"
+        self._references: dict[str, float] = {}
+        if self._references_path is not None and self._references_path.exists():
+            for line in self._references_path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self._references[record["item_id"]] = record["score"]
+
+    def pool(self, task: str) -> list[TextItem]:
+        """The first ``pool_size`` train items of ``task`` (seeds 0, 1, ...) that the full cache answers; built
+        once. Raises ValueError if fewer than ``pool_size`` of ``_MAX_CANDIDATES x pool_size`` qualify."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        if task not in self._pool:
+            c = self.config
+            pool, candidates = [], c.pool_size * _MAX_CANDIDATES
+            for seed in range(candidates):
+                item = make_item(task, seed, c.length, c.depths[seed % len(c.depths)], self._count, "train")
+                if self.reference(item) > 0:
+                    pool.append(item)
+                    if len(pool) == c.pool_size:
+                        break
+            if len(pool) < c.pool_size:
+                raise ValueError(
+                    f"task {task!r}: the base model answers only {len(pool)} of {candidates} train items at "
+                    f"{c.length} tokens with the full cache; drop the task or lower --pool-size"
+                )
+            self._pool[task] = pool
+        return self._pool[task]
+
+    def prompts(self, task: str, generation: int) -> list[TextItem]:
+        """The prompts of ``task`` at ``generation``: drawn without replacement, the same on every rank."""
+        rng = np.random.default_rng([self.config.seed, generation, TASKS.index(task)])
+        chosen = rng.choice(self.config.pool_size, size=self.config.prompts_per_task, replace=False)
+        pool = self.pool(task)
+        return [pool[i] for i in sorted(chosen)]
+
+    def reference(self, item: TextItem) -> float:
+        """Full-cache score of ``item`` (computed once, then read from the cache file)."""
+        if item.item_id not in self._references:
+            run = self.generator.run(item, None)
+            score = item.score(run.predictions[0])
+            self._references[item.item_id] = score
+            if self._references_path is not None:
+                self._references_path.parent.mkdir(parents=True, exist_ok=True)
+                with self._references_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"item_id": item.item_id, "score": score}) + "\n")
+        return self._references[item.item_id]
+
+    def estimate_statistics(self, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+        """Normalisation statistics of the spectrogram features with no eviction (namm-spec §2.4, §5.6),
+        over the generation-0 prompts of ``tasks``: ``{"norm_mean": (17,), "norm_var": (17,)}``."""
+        accumulator = StatsAccumulator(self.namm_config.spectrogram_bins)
+        policy = NammPolicy(self.namm_config, accumulator=accumulator)
+        for task in tasks:
+            for item in self.prompts(task, 0):
+                self.generator.run(item, policy)
+        stats = accumulator.freeze()
+        return {"norm_mean": stats.mean.cpu().numpy(), "norm_var": stats.var.cpu().numpy()}
+
+    def __call__(
+        self, members: np.ndarray, generation: int, stage: Stage, statistics: dict[str, np.ndarray] | None
+    ) -> FitnessResult:
+        """Fitness of ``members`` (K, num_params) on the stage's tasks at ``generation``."""
+        if statistics is None:
+            raise ValueError("the text fitness needs frozen normalisation statistics")
+        device = self.generator.device
+        stats = NormalisationStats(torch.as_tensor(statistics["norm_mean"], dtype=torch.float32, device=device),
+                                   torch.as_tensor(statistics["norm_var"], dtype=torch.float32, device=device))
+        params = torch.as_tensor(members, dtype=torch.float32, device=device)
+        policy = NammPolicy(self.namm_config, params, stats)
+        count = members.shape[0]
+        normalised = np.zeros((len(stage.tasks), count))
+        raw = np.zeros((len(stage.tasks), count))
+        retained = np.zeros(count)
+        prompts_seen = 0
+        for t, task in enumerate(stage.tasks):
+            items = self.prompts(task, generation)
+            reference = np.mean([self.reference(item) for item in items])
+            for item in items:
+                for start in range(0, count, self.config.members_per_batch):
+                    stop = min(start + self.config.members_per_batch, count)
+                    policy.set_members(torch.arange(start, stop, device=device))
+                    run = self.generator.run(item, policy, rows=stop - start)
+                    raw[t, start:stop] += [item.score(p) for p in run.predictions]
+                    retained[start:stop] += run.kv_retained
+            raw[t] /= len(items)
+            normalised[t] = raw[t] / (reference + _REFERENCE_EPSILON)
+            prompts_seen += len(items)
+        retained /= prompts_seen
+        fitness = normalised.mean(axis=0) - self.config.memory_weight * retained
+        extra = {"kv_retained": retained, "score": raw.mean(axis=0)}
+        return FitnessResult(fitness=fitness, extra=extra)

@@ -100,6 +100,7 @@ def load_model(name: str | None = None, dtype: str = "bfloat16", device: str = "
         ModelLoadError: with a one-line message when nothing loadable is found.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
@@ -110,6 +111,8 @@ def load_model(name: str | None = None, dtype: str = "bfloat16", device: str = "
     source = Path(source).expanduser() if Path(str(source)).expanduser().exists() else source
     if isinstance(source, Path) and not (source / "config.json").is_file():
         raise ModelLoadError(f"{source} has no config.json: not a Hugging Face model folder")
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar; restored below
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], local_files_only=True)
@@ -118,5 +121,8 @@ def load_model(name: str | None = None, dtype: str = "bfloat16", device: str = "
         raise ModelLoadError(
             f"cannot load model '{label}' from local files (no hub access here): {first_line}"
         ) from None
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=label)

@@ -61,9 +61,6 @@ def _items(args, tokenizer) -> tuple[str, list[TextItem]]:
         tasks = [t for t in args.longbench_tasks.split(",") if t]
         return "longbench", load_longbench(args.longbench, tasks, limit=args.limit)
     tasks = [t for t in args.tasks.split(",") if t]
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     suite = build_suite(tasks, args.split, args.items, args.length, _floats(args.depths), token_counter(tokenizer),
                         seed=args.seed)
     return f"builtin-{args.split}-L{args.length}", suite
@@ -94,6 +91,9 @@ def summarise(method: Method, records: list[dict], num_layers: int) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    unknown = sorted(set(t for t in args.tasks.split(",") if t) - set(TASKS))
+    if unknown and not args.longbench:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     ratios = _floats(args.ratios)
     rules = [m for m in args.methods.split(",") if m]
     namm: NammWeights | None = None if args.namm.lower() == "none" or "namm" not in rules else load_namm(args.namm)

@@ -1,0 +1,115 @@
+"""The command-line programs end to end on the embedded SmolLM2 (small prompts, CPU): help, one-line errors for
+bad input, the text evaluation's results folder and resume, and one evolution generation with exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from namm_transfer.evolve.state import read_log
+from namm_transfer.namm.checkpoint import load_namm, save_namm
+from namm_transfer.namm.config import NammConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+
+
+def program(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=ENV, cwd=cwd,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("name", ["namm_transfer.demo", "namm_transfer.text", "namm_transfer.evolve"])
+def test_help(name):
+    done = program(name, "--help")
+    assert done.returncode == 0 and "usage:" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("namm_transfer.text", "--namm", "/no/such/namm"), "/no/such/namm"),
+        (("namm_transfer.text", "--tasks", "passkey,nonsense", "--namm", "none"), "nonsense"),
+        (("namm_transfer.text", "--model", "/no/such/model", "--namm", "none"), "/no/such/model"),
+        (("namm_transfer.demo", "--namm", "/no/such/namm"), "/no/such/namm"),
+        (("namm_transfer.evolve", "--stage", "passkey:many"), "generations must be an integer"),
+        (("namm_transfer.evolve", "--stage", "haystack:2"), "unknown task"),
+        (("namm_transfer.evolve", "--population", "1"), "population_size"),
+        (("namm_transfer.evolve", "--update-every", "100"), "update_every"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(args, message):
+    done = program(*args)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr
+
+
+def test_bad_weights_file_is_named(tmp_path):
+    folder = tmp_path / "namm"
+    save_namm(folder, torch.zeros(4172), torch.zeros(17), torch.ones(17), NammConfig(), {})
+    (folder / "namm.json").write_text("{not json")
+    done = program("namm_transfer.text", "--namm", str(folder))
+    assert done.returncode == 2 and "namm.json" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def evicting_namm(tmp_path_factory) -> Path:
+    """A random NAMM (period 128) that evicts part of a short prompt."""
+    folder = tmp_path_factory.mktemp("namm")
+    params = 0.05 * torch.randn(4172, generator=torch.Generator().manual_seed(0))
+    params[-1] = 0.05
+    save_namm(folder, params, torch.full((17,), 0.01), torch.full((17,), 1e-4), NammConfig(update_every=128),
+              {"note": "random test weights"})
+    return folder
+
+
+def test_text_program_writes_results_and_resumes(tmp_path, evicting_namm):
+    args = ("namm_transfer.text", "--namm", str(evicting_namm), "--tasks", "passkey", "--items", "1",
+            "--length", "320", "--methods", "full,namm,h2o,recency", "--ratios", "0.5", "--out", str(tmp_path))
+    first = program(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    methods = {row["method"]: row for row in summary["methods"]}
+    assert set(methods) == {"full", "namm", "h2o@matched", "h2o@0.5", "recency@matched", "recency@0.5"}
+    assert methods["full"]["kv_retained_pct"] == pytest.approx(100.0)
+    assert methods["namm"]["kv_retained_pct"] < 100.0  # the NAMM evicted
+    for rule in ("h2o", "recency"):  # matched budget: the same memory as the NAMM
+        assert methods[f"{rule}@matched"]["kv_retained_pct"] == pytest.approx(methods["namm"]["kv_retained_pct"])
+    assert (tmp_path / "score_vs_kv.png").stat().st_size > 0 and (tmp_path / "retention_per_layer.png").exists()
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 6 and all((f / "metrics.json").exists() for f in folders)
+    second = program(*args)  # every item is done: nothing is recomputed
+    assert second.returncode == 0
+    assert all(len((f / "predictions.jsonl").read_text().splitlines()) == 1 for f in folders)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_one_evolution_generation_runs_and_resumes_exactly(tmp_path):
+    common = ("--population", "2", "--prompts-per-task", "1", "--pool-size", "1", "--length", "256",
+              "--update-every", "128", "--members-per-batch", "2", "--init-score", "0.2", "--quiet")
+    straight = program("namm_transfer.evolve", "--run-dir", str(tmp_path / "a"), "--stage", "passkey:2", *common,
+                       "--export", str(tmp_path / "exported"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = program("namm_transfer.evolve", "--run-dir", str(tmp_path / "b"), "--stage", "passkey:1", *common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = program("namm_transfer.evolve", "--run-dir", str(tmp_path / "b"), "--stage", "passkey:2", *common)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["generation"] for r in log_b] == [0, 1]
+    assert [r["member_fitness"] for r in log_a] == [r["member_fitness"] for r in log_b]
+    a, b = load_namm(tmp_path / "a" / "mean"), load_namm(tmp_path / "b" / "mean")
+    assert torch.equal(a.params, b.params) and torch.equal(a.norm_mean, b.norm_mean)
+    exported = load_namm(tmp_path / "exported")
+    assert torch.equal(exported.params, a.params)
+    provenance = exported.provenance
+    assert provenance["generations"] == 2 and len(provenance["fitness_history"]) == 2
+    assert provenance["command"].startswith("python -m namm_transfer.evolve")
+    assert provenance["base_model"] == "smollm2" and np.isfinite(provenance["wall_seconds"])

@@ -25,6 +25,7 @@ def test_config_defaults_are_the_paper_settings():
     "kwargs, word",
     [
         ({"population_size": 1}, "population_size"),
+        ({"population_size": 3}, "population_size"),
         ({"sigma0": 0.0}, "sigma0"),
         ({"sigma0": float("nan")}, "sigma0"),
         ({"elite_ratio": 0.0}, "elite_ratio"),
@@ -129,3 +130,11 @@ def test_tell_rejects_bad_shapes_and_non_finite_fitness():
     with pytest.raises(ValueError, match="finite"):
         es.tell(population, np.array([0.0, np.nan, 1.0, 2.0]))
     assert es.generation == 0
+
+
+def test_generations_of_equal_fitness_do_not_stop_the_search():
+    # a NAMM population often scores all-equal (every member answers, or none does); cma must keep going
+    es = CmaEs(EvolutionConfig(num_params=100, population_size=4, diagonal=True, seed=3))
+    for _ in range(4):
+        es.tell(es.ask(), np.zeros(4))
+    assert es.generation == 4 and np.isfinite(es.mean).all()

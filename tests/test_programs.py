@@ -93,8 +93,8 @@ def test_text_program_writes_results_and_resumes(tmp_path, evicting_namm):
 
 
 def test_one_evolution_generation_runs_and_resumes_exactly(tmp_path):
-    common = ("--population", "2", "--prompts-per-task", "1", "--pool-size", "1", "--length", "256",
-              "--update-every", "128", "--members-per-batch", "2", "--init-score", "0.2", "--quiet")
+    common = ("--population", "4", "--prompts-per-task", "1", "--pool-size", "1", "--length", "256",
+              "--update-every", "128", "--members-per-batch", "4", "--init-score", "0.2", "--quiet")
     straight = program("namm_transfer.evolve", "--run-dir", str(tmp_path / "a"), "--stage", "passkey:2", *common,
                        "--export", str(tmp_path / "exported"))
     assert straight.returncode == 0, straight.stderr[-2000:]

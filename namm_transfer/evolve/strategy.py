@@ -67,8 +67,10 @@ class EvolutionConfig:
         problems = []
         if self.num_params < 2:
             problems.append(f"num_params must be >= 2 (cma has no 1-D CMA-ES), got {self.num_params}")
-        if self.population_size < 2:
-            problems.append(f"population_size must be >= 2, got {self.population_size}")
+        if self.population_size < 4:
+            # cma injects two mean-shift samples per generation (TPA step-size control); with fewer than 4
+            # members a generation of equal fitness leaves injections unused and cma refuses to continue
+            problems.append(f"population_size must be >= 4, got {self.population_size}")
         if not (math.isfinite(self.sigma0) and self.sigma0 > 0):
             problems.append(f"sigma0 must be a finite number > 0, got {self.sigma0}")
         if not 0.0 < self.elite_ratio <= 1.0:

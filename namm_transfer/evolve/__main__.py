@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -136,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fitness = TextFitness(generator, namm_config, fitness_config, run_dir if world.is_main else None)
     command = "python -m namm_transfer.evolve " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     provenance = {"base_model": loaded.name, "tasks": [list(s.tasks) for s in stages], "seed": args.seed,
-                  "command": command, "library_version": __version__, "evolution": vars(evolution) | {},
-                  "fitness": vars(fitness_config)}
+                  "command": command, "library_version": __version__, "evolution": asdict(evolution),
+                  "fitness": asdict(fitness_config)}
     state = evolve(fitness, evolution, run_dir, stages,
                    estimate_statistics=lambda: fitness.estimate_statistics(stages[0].tasks),
                    save_mean=namm_mean_saver(namm_config, provenance), world=world, progress=not args.quiet,

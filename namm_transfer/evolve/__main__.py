@@ -67,6 +67,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--update-every", type=int, default=512, help="NAMM period (namm-spec §1.3)")
     p.add_argument("--chunk-size", type=int, default=128)
     p.add_argument("--protect-prompt-tail", type=int, default=0, help="always keep the last N prompt tokens")
+    p.add_argument("--protect-sink", type=int, default=0, help="always keep the first N tokens (attention sinks)")
     p.add_argument("--seed", type=int, default=1337, help="CMA-ES seed (prompt draws use --prompt-seed)")
     p.add_argument("--prompt-seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
@@ -80,7 +81,7 @@ def parser() -> ArgumentParser:
 
 def _run_config(args, stages: list[Stage]) -> dict:
     keys = ("model", "population", "sigma0", "init_score", "full_covariance", "prompts_per_task", "pool_size",
-            "length", "members_per_batch", "memory_weight", "update_every", "chunk_size", "protect_prompt_tail",
+            "length", "members_per_batch", "memory_weight", "update_every", "chunk_size", "protect_prompt_tail", "protect_sink",
             "seed", "prompt_seed", "dtype")
     return {**{k: getattr(args, k) for k in keys}, "stages": [[list(s.tasks), s.generations] for s in stages]}
 
@@ -115,7 +116,8 @@ def export(run_dir: Path, target: Path, provenance: dict) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     stages = [parse_stage(s) for s in (args.stage or ["passkey,two_hop:4"])]
-    namm_config = NammConfig(update_every=args.update_every, protect_prompt_tail=args.protect_prompt_tail)
+    namm_config = NammConfig(update_every=args.update_every, protect_prompt_tail=args.protect_prompt_tail,
+                             protect_sink=args.protect_sink)
     evolution = EvolutionConfig(num_params=namm_config.num_params, population_size=args.population,
                                 sigma0=args.sigma0, init_score=args.init_score, seed=args.seed,
                                 diagonal=not args.full_covariance)

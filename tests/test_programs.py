@@ -113,3 +113,10 @@ def test_one_evolution_generation_runs_and_resumes_exactly(tmp_path):
     assert provenance["generations"] == 2 and len(provenance["fitness_history"]) == 2
     assert provenance["command"].startswith("python -m namm_transfer.evolve")
     assert provenance["base_model"] == "smollm2" and np.isfinite(provenance["wall_seconds"])
+
+
+def test_demo_answers_with_three_methods(evicting_namm):
+    done = program("namm_transfer.demo", "--namm", str(evicting_namm), "--length", "320", "--baseline", "l2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for label in ("full", "namm", "l2@matched", "KV kept per layer"):
+        assert label in done.stdout

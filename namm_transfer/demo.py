@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     item = make_item(args.task, args.seed, args.length, args.depth, token_counter(loaded.tokenizer), "heldout")
-    generator = TextGenerator(loaded.model, loaded.tokenizer, cache_config_for(namm))
+    generator = TextGenerator(loaded.model, loaded.tokenizer, cache_config_for(namm.config))
     print(f"model: {loaded.name}   task: {item.task} (held-out), depth {item.depth}, "
           f"NAMM period {namm.config.update_every} tokens")
     print(f"question: {item.prompt.strip().splitlines()[-1][:160]}")

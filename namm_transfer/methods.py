@@ -19,6 +19,7 @@ import torch
 from namm_transfer.namm.baselines import BASELINES, make_baseline
 from namm_transfer.namm.budget import FixedRatioBudget, MatchedBudget, RetentionRecord
 from namm_transfer.namm.checkpoint import NammWeights
+from namm_transfer.namm.config import NammConfig
 from namm_transfer.namm.features import NormalisationStats
 from namm_transfer.namm.interface import EvictionPolicy
 from namm_transfer.namm.policy import NammPolicy
@@ -56,19 +57,6 @@ class Method:
     def label(self) -> str:
         """``full``, ``namm``, ``h2o@matched``, ``l2@0.25`` ..."""
         return self.rule if self.budget is None else f"{self.rule}@{self.budget}"
-
-    @classmethod
-    def parse(cls, label: str) -> "Method":
-        """Inverse of :attr:`label`."""
-        rule, _, budget = label.partition("@")
-        if not budget:
-            return cls(rule)
-        if budget == MATCHED:
-            return cls(rule, MATCHED)
-        try:
-            return cls(rule, float(budget))
-        except ValueError:
-            raise ValueError(f"bad budget in method {label!r}: use 'matched' or a ratio like 0.25") from None
 
 
 def comparison(rules: Iterable[str], ratios: Sequence[float], with_namm: bool) -> list[Method]:
@@ -127,11 +115,9 @@ def build_policy(
     return make_baseline(method.rule, budget, **options)
 
 
-def cache_config_for(namm: NammWeights | None, update_every: int | None = None) -> CacheConfig:
+def cache_config_for(namm: NammConfig | None, update_every: int | None = None) -> CacheConfig:
     """Cache settings shared by every method of a comparison: the NAMM's own period and attention numerics
     (so baselines run on the same schedule), unless ``update_every`` overrides the period."""
     if namm is None:
         return CacheConfig(update_every=update_every or 512)
-    return CacheConfig(
-        update_every=update_every or namm.config.update_every, attention_dtype=namm.config.attention_dtype
-    )
+    return CacheConfig(update_every=update_every or namm.update_every, attention_dtype=namm.attention_dtype)

@@ -31,6 +31,10 @@ def _floats(text: str) -> list[float]:
         raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m namm_transfer.text", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="local HF folder or cached hub id (default: embedded SmolLM2)")
@@ -58,10 +62,8 @@ def parser() -> ArgumentParser:
 
 def _items(args, tokenizer) -> tuple[str, list[TextItem]]:
     if args.longbench:
-        tasks = [t for t in args.longbench_tasks.split(",") if t]
-        return "longbench", load_longbench(args.longbench, tasks, limit=args.limit)
-    tasks = [t for t in args.tasks.split(",") if t]
-    suite = build_suite(tasks, args.split, args.items, args.length, _floats(args.depths), token_counter(tokenizer),
+        return "longbench", load_longbench(args.longbench, _names(args.longbench_tasks), limit=args.limit)
+    suite = build_suite(_names(args.tasks), args.split, args.items, args.length, _floats(args.depths), token_counter(tokenizer),
                         seed=args.seed)
     return f"builtin-{args.split}-L{args.length}", suite
 
@@ -70,12 +72,13 @@ def _retention(record: dict) -> list[RetentionRecord]:
     return [RetentionRecord(*row) for row in record["retention"]]
 
 
-def summarise(method: Method, records: list[dict], num_layers: int) -> dict:
+def summarise(method: Method, records: list[dict]) -> dict:
     """Metrics of one method over its finished records: score (0-100) overall and per task, mean retained
     KV (%), per-layer retention (%), mean peak KV bytes and seconds per item."""
     by_task: dict[str, list[float]] = defaultdict(list)
     for r in records:
         by_task[r["task"]].append(r["score"])
+    num_layers = len(records[0]["kept_per_layer"])
     per_layer = [100 * sum(r["kept_per_layer"][i] for r in records) / len(records) for i in range(num_layers)]
     return {
         "method": method.label,
@@ -91,16 +94,16 @@ def summarise(method: Method, records: list[dict], num_layers: int) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    unknown = sorted(set(t for t in args.tasks.split(",") if t) - set(TASKS))
+    unknown = sorted(set(_names(args.tasks)) - set(TASKS))
     if unknown and not args.longbench:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     ratios = _floats(args.ratios)
-    rules = [m for m in args.methods.split(",") if m]
+    rules = _names(args.methods)
     namm: NammWeights | None = None if args.namm.lower() == "none" or "namm" not in rules else load_namm(args.namm)
     methods = comparison(rules, ratios, with_namm=namm is not None)
     if not methods:
         raise ValueError("no method to run: check --methods and --namm")
-    cache = cache_config_for(namm, args.update_every)
+    cache = cache_config_for(None if namm is None else namm.config, args.update_every)
 
     from namm_transfer.models import load_model  # heavy import after the arguments are known to be good
     from namm_transfer.text_eval import TextGenerator
@@ -148,10 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.update()
     progress.close()
 
-    num_layers = len(next(iter(folders.values())).predictions()[0]["kept_per_layer"])
     rows = []
     for method, folder in folders.items():
-        metrics = summarise(method, folder.predictions(), num_layers)
+        metrics = summarise(method, folder.predictions())
         folder.write_metrics(metrics)
         rows.append(metrics)
     (out / "summary.json").write_text(json.dumps({"dataset": dataset, "model": loaded.name, "methods": rows},

@@ -26,9 +26,9 @@ from namm_transfer.evolve.loop import Stage, evolve
 from namm_transfer.evolve.state import MEAN_LINK, namm_mean_saver, read_log
 from namm_transfer.evolve.strategy import EvolutionConfig
 from namm_transfer.evolve.text_fitness import TextFitness, TextFitnessConfig
+from namm_transfer.methods import cache_config_for
 from namm_transfer.namm.checkpoint import load_namm, save_namm
 from namm_transfer.namm.config import NammConfig
-from namm_transfer.runtime.cache import CacheConfig
 
 RUN_CONFIG = "run_config.json"
 
@@ -134,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = str(world.device) if args.device == "cuda" and world.world_size > 1 else args.device
     loaded = load_model(args.model, dtype=args.dtype, device=device)
-    cache = CacheConfig(update_every=namm_config.update_every, attention_dtype=namm_config.attention_dtype)
-    generator = TextGenerator(loaded.model, loaded.tokenizer, cache, args.chunk_size)
+    generator = TextGenerator(loaded.model, loaded.tokenizer, cache_config_for(namm_config), args.chunk_size)
     fitness = TextFitness(generator, namm_config, fitness_config, run_dir if world.is_main else None)
     command = "python -m namm_transfer.evolve " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     provenance = {"base_model": loaded.name, "tasks": [list(s.tasks) for s in stages], "seed": args.seed,

@@ -9,8 +9,10 @@ full-cache score of the same prompts (computed once per item, cached on disk); f
 The pool holds only items the base model answers (score > 0) with the full cache. The paper draws 64 prompts
 per task, so the reference mean is never 0; with the handful of prompts a CPU run affords, a task whose drawn
 prompts all have reference 0 would divide by 1e-7 and hand a lucky member a huge fitness. Items the full cache
-fails say nothing about what eviction loses, so they are left out of the pool. Optionally ``memory_weight`` x (mean retained KV fraction) is subtracted, a
-sparsity term the official code has but does not use (§7, "Auxiliary losses"); it is 0 unless asked for.
+fails say nothing about what eviction loses, so they are left out of the pool.
+
+Optionally ``memory_weight`` x (mean retained KV fraction) is subtracted, a sparsity term the official code has
+but does not use (§7, "Auxiliary losses"); it is 0 unless asked for.
 
 Members run batched: one forward holds ``members_per_batch`` rows of the same prompt, each row scored by its
 own parameter vector (§5.5), with per-row eviction counts (padding slots masked).

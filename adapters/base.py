@@ -108,7 +108,7 @@ class Adapter(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
-_BUILTIN_ADAPTER_MODULES = ("namm_transfer.adapters.causal_lm",)
+_BUILTIN_ADAPTER_MODULES = ("namm_transfer.adapters.causal_lm", "namm_transfer.adapters.llava_next_video")
 """Modules of the adapters shipped with the package; imported (so they register) on the first look-up."""
 
 

@@ -108,7 +108,8 @@ class Adapter(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
-_BUILTIN_ADAPTER_MODULES = ("namm_transfer.adapters.causal_lm", "namm_transfer.adapters.llava_next_video")
+_BUILTIN_ADAPTER_MODULES = ("namm_transfer.adapters.causal_lm", "namm_transfer.adapters.decision_transformer",
+                            "namm_transfer.adapters.llava_next_video")
 """Modules of the adapters shipped with the package; imported (so they register) on the first look-up."""
 
 

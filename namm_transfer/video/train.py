@@ -1,0 +1,283 @@
+"""``python -m namm_transfer.video.train``: train the vision tower and projector of the embedded video model on the
+built-in needle tasks (train split), the language model (SmolLM2) frozen.
+
+LLaVA's recipe (Liu et al. 2023, "Visual Instruction Tuning", §4.2) adapted to a fresh vision tower: stage 1 trains
+the projector alone (features -> word-embedding space); stage 2 trains the projector and the vision tower together,
+since a randomly initialised CLIP tower, unlike LLaVA's pretrained one, must learn to see colours and shapes. The
+language model stays frozen throughout (it already reads the question and writes a letter), so no LoRA is needed
+unless stage 2 plateaus below the target accuracy.
+
+One example is a built-in task (:func:`namm_transfer.evals.video_tasks.make_task`, train split, item index = the
+example's running number, so no item repeats and none is held out) with ``num_frames`` drawn from ``--frames``; its
+prompt is exactly the evaluation's (:meth:`VideoQuestion.prompt` in the chat template, :mod:`.prompt`), the target is
+the answer letter followed by ``<|im_end|>``, and the loss is the cross-entropy of those two tokens. Frames go to the
+model as generated (no codec round trip: the codec changes pixels by about 1.5 levels of 255 on average).
+
+Every ``--eval-every`` steps the held-out accuracy is measured on ``--eval-items`` held-out tasks as the share whose
+first answer token, greedily, is the right letter. Every step is logged to ``train_log.jsonl``; the trained parts
+and the optimiser state are saved every ``--save-every`` steps, so a killed run continues with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from namm_transfer.cli import ArgumentParser, run_program
+from namm_transfer.evals.video_qa import VideoQuestion
+from namm_transfer.evals.video_tasks import KINDS, TaskConfig, make_task
+from namm_transfer.video.frames import FrameConfig, preprocess
+from namm_transfer.video.model import VideoModel, load_embedded_video_model, save_trained_parts
+from namm_transfer.video.prompt import video_prompt_ids
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a training run.
+
+    Attributes:
+        projector_steps: optimiser steps of stage 1 (projector only).
+        tower_steps: optimiser steps of stage 2 (projector and vision tower).
+        batch_size: examples per optimiser step.
+        frames: video lengths drawn uniformly per example.
+        projector_lr: AdamW learning rate of stage 1.
+        tower_lr: AdamW learning rate of stage 2 (both parts).
+        warmup: linear warm-up steps at the start of each stage; cosine decay to 10% after it.
+        eval_every: steps between held-out evaluations (0: only at the end).
+        eval_items: held-out tasks per evaluation (frames = the first of ``frames``).
+        save_every: steps between checkpoints (0: only at the end).
+        seed: initialisation seed of the fresh tower and the seed of the length draws.
+    """
+
+    projector_steps: int = 200
+    tower_steps: int = 800
+    batch_size: int = 4
+    frames: tuple[int, ...] = (16, 32)
+    projector_lr: float = 1e-3
+    tower_lr: float = 2e-4
+    warmup: int = 20
+    eval_every: int = 100
+    eval_items: int = 64
+    save_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("projector_steps", "tower_steps", "warmup", "eval_every", "save_every", "seed"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "eval_items"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.projector_steps + self.tower_steps < 1:
+            problems.append("at least one training step is needed")
+        if not self.frames or min(self.frames) < 16:
+            problems.append(f"frames must be non-empty, each >= 16, got {self.frames}")
+        if not (self.projector_lr > 0 and self.tower_lr > 0):
+            problems.append("learning rates must be positive")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @property
+    def total_steps(self) -> int:
+        return self.projector_steps + self.tower_steps
+
+
+def task_question(task) -> VideoQuestion:
+    """The evaluation's view of a generated task (its prompt and answer)."""
+    return VideoQuestion(id=task.id, dataset="builtin", video=Path(f"{task.id}.mp4"), question=task.question,
+                         options=tuple(task.options), answer=task.answer, category=task.kind,
+                         num_frames=task.num_frames)
+
+
+@dataclass
+class Example:
+    """One training or evaluation example: ids (L,), pixels (F, 3, S, S), and the positions/ids of the targets."""
+
+    input_ids: torch.Tensor
+    pixels: torch.Tensor
+    target_ids: torch.Tensor
+    letter_id: int
+
+
+def make_example(video: VideoModel, split: str, index: int, num_frames: int) -> Example:
+    """Task ``index`` of ``split`` (kinds in turn) as model input, with the answer letter and ``<|im_end|>``
+    appended to the prompt ids as targets."""
+    kind = KINDS[index % len(KINDS)]
+    task, frames = make_task(split, kind, num_frames, index // len(KINDS), TaskConfig(size=video.vision.image_size))
+    question = task_question(task)
+    prompt = video_prompt_ids(video.tokenizer, video.model.config, question.prompt(), num_frames)[0]
+    letter_ids = video.tokenizer(question.answer, add_special_tokens=False).input_ids
+    if len(letter_ids) != 1:
+        raise ValueError(f"answer letter {question.answer!r} is not one token for this tokenizer")
+    target = torch.tensor(letter_ids + [video.tokenizer.eos_token_id])
+    pixels = preprocess(frames, FrameConfig(num_frames=num_frames, size=video.vision.image_size))
+    return Example(torch.cat([prompt, target]), pixels, target, letter_ids[0])
+
+
+def example_loss(video: VideoModel, example: Example) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens (teacher forcing), one video."""
+    device = video.model.device
+    targets = len(example.target_ids)
+    logits = video.model(
+        input_ids=example.input_ids[None].to(device), pixel_values_videos=example.pixels[None].to(device),
+        logits_to_keep=targets + 1,
+    ).logits[0, :-1].float()  # the positions predicting each target token
+    return torch.nn.functional.cross_entropy(logits, example.target_ids.to(device))
+
+
+@torch.no_grad()
+def heldout_accuracy(video: VideoModel, items: int, num_frames: int) -> float:
+    """Share of the first ``items`` held-out tasks whose greedy first answer token is the right letter."""
+    video.model.eval()
+    right = 0
+    for index in range(items):
+        example = make_example(video, "heldout", index, num_frames)
+        prompt = example.input_ids[: -len(example.target_ids)]
+        logits = video.model(input_ids=prompt[None].to(video.model.device),
+                             pixel_values_videos=example.pixels[None].to(video.model.device), logits_to_keep=1).logits
+        right += int(logits[0, -1].argmax()) == example.letter_id
+    return right / items
+
+
+def example_frames(config: TrainConfig, index: int) -> int:
+    """Video length of training example ``index``: drawn from ``config.frames`` by a generator seeded with
+    (seed, index), so a resumed run sees the same examples as an uninterrupted one."""
+    return config.frames[int(np.random.default_rng([config.seed, index]).integers(len(config.frames)))]
+
+
+def stage_of(step: int, config: TrainConfig) -> int:
+    """1 (projector) for the first ``projector_steps`` steps, then 2 (projector and tower)."""
+    return 1 if step < config.projector_steps else 2
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10%, restarted at each stage."""
+    if stage_of(step, config) == 1:
+        base, start, length = config.projector_lr, 0, config.projector_steps
+    else:
+        base, start, length = config.tower_lr, config.projector_steps, config.tower_steps
+    local = step - start
+    if local < config.warmup:
+        return base * (local + 1) / config.warmup
+    progress = (local - config.warmup + 1) / max(1, length - config.warmup)  # 1 at the stage's last step
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _optimizer(video: VideoModel, stage: int) -> torch.optim.Optimizer:
+    parts = [video.model.model.multi_modal_projector] + ([video.model.model.vision_tower] if stage == 2 else [])
+    for parameter in video.model.parameters():
+        parameter.requires_grad_(False)
+    parameters = [p for part in parts for p in part.parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    return torch.optim.AdamW(parameters, lr=1.0, weight_decay=0.0)
+
+
+def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = False, max_minutes: float | None = None,
+          command: str = "") -> dict:
+    """Run (or continue) training; write the parts, state and log to ``out``. Returns the last log record."""
+    out.mkdir(parents=True, exist_ok=True)
+    step, stage = 0, stage_of(0, config)
+    optimizer = _optimizer(video, stage)
+    if resume:
+        state = torch.load(out / STATE_FILE, weights_only=False)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{out / STATE_FILE} was written with other settings; start a new folder")
+        step, stage = state["step"], state["stage"]  # the loop switches stage if the saved one just ended
+        optimizer = _optimizer(video, stage)
+        optimizer.load_state_dict(state["optimizer"])
+    started, record = time.monotonic(), {}
+    provenance = {"command": command, "config": asdict(config)}
+    while step < config.total_steps:
+        if stage_of(step, config) != stage:
+            stage = stage_of(step, config)
+            optimizer = _optimizer(video, stage)
+        video.model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for i in range(config.batch_size):
+            index = step * config.batch_size + i
+            example = make_example(video, "train", index, example_frames(config, index))
+            loss = example_loss(video, example) / config.batch_size
+            loss.backward()
+            losses.append(loss.item() * config.batch_size)
+        optimizer.step()
+        step += 1
+        record = {"step": step, "stage": stage, "loss": float(np.mean(losses)), "lr": learning_rate(step - 1, config),
+                  "seconds": round(time.monotonic() - started, 1)}
+        last = step == config.total_steps
+        if (config.eval_every and step % config.eval_every == 0) or last:
+            record["heldout_accuracy"] = heldout_accuracy(video, config.eval_items, config.frames[0])
+        with open(out / LOG_FILE, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        out_of_time = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
+        if last or out_of_time or (config.save_every and step % config.save_every == 0):
+            save_trained_parts(video, out, {**provenance, "steps_done": step, "last": record})
+            torch.save({"step": step, "stage": stage, "config": asdict(config), "optimizer": optimizer.state_dict()},
+                       out / STATE_FILE)
+        if out_of_time:
+            break
+    video.model.eval()
+    return record
+
+
+def build_parser() -> ArgumentParser:
+    defaults = TrainConfig()
+    parser = ArgumentParser(prog="python -m namm_transfer.video.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for vision.safetensors, config.json, log and state")
+    parser.add_argument("--projector-steps", type=int, default=defaults.projector_steps)
+    parser.add_argument("--tower-steps", type=int, default=defaults.tower_steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--frames", default=",".join(map(str, defaults.frames)),
+                        help="comma-separated video lengths drawn per example")
+    parser.add_argument("--projector-lr", type=float, default=defaults.projector_lr)
+    parser.add_argument("--tower-lr", type=float, default=defaults.tower_lr)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--eval-items", type=int, default=defaults.eval_items)
+    parser.add_argument("--save-every", type=int, default=defaults.save_every)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--max-minutes", type=float, default=None, help="save and stop after this wall time")
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        frames = tuple(int(part) for part in args.frames.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--frames must be comma-separated integers, got {args.frames!r}") from None
+    config = TrainConfig(
+        projector_steps=args.projector_steps, tower_steps=args.tower_steps, batch_size=args.batch_size,
+        frames=frames, projector_lr=args.projector_lr, tower_lr=args.tower_lr, warmup=args.warmup,
+        eval_every=args.eval_every, eval_items=args.eval_items, save_every=args.save_every, seed=args.seed,
+    )
+    out = Path(args.out)
+    if args.resume and not (out / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume: {out / STATE_FILE} does not exist")
+    video = load_embedded_video_model(out if args.resume else None, dtype="float32", device=args.device,
+                                      seed=config.seed)
+    command = "python -m namm_transfer.video.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = train(video, config, out, resume=args.resume, max_minutes=args.max_minutes, command=command)
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_program(main))

@@ -1,0 +1,68 @@
+"""``python -m namm_transfer.video.train`` on a tiny budget: the projector stage trains only the projector, the
+tower stage the tower too, the language model never changes; a run stopped by its time limit resumes to the same
+end; the saved parts reload; bad settings are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from namm_transfer.video.model import load_embedded_video_model, trained_state
+from namm_transfer.video.train import (
+    LOG_FILE,
+    STATE_FILE,
+    TrainConfig,
+    example_frames,
+    learning_rate,
+    main,
+    make_example,
+)
+
+
+def test_config_schedule_and_examples():
+    config = TrainConfig(projector_steps=10, tower_steps=20, warmup=2, frames=(16, 32))
+    assert learning_rate(0, config) == pytest.approx(config.projector_lr / 2)
+    assert learning_rate(9, config) == pytest.approx(0.1 * config.projector_lr)
+    assert learning_rate(10, config) == pytest.approx(config.tower_lr / 2)  # stage 2 restarts the warm-up
+    assert {example_frames(config, i) for i in range(40)} == {16, 32}
+    assert [example_frames(config, i) for i in range(8)] == [example_frames(config, i) for i in range(8)]
+    for bad in ({"frames": (8,)}, {"batch_size": 0}, {"projector_steps": 0, "tower_steps": 0}, {"tower_lr": 0.0}):
+        with pytest.raises(ValueError, match="invalid TrainConfig"):
+            TrainConfig(**bad)
+
+
+def test_tiny_run_trains_the_vision_parts_only_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    video = load_embedded_video_model(seed=0)
+    before = {k: v.clone() for k, v in trained_state(video.model).items()}
+    language = {k: v.clone() for k, v in video.model.model.language_model.state_dict().items()}
+    example = make_example(video, "train", 5, 16)
+    assert (example.input_ids == video.model.config.video_token_id).sum() == 16 * 16
+    assert example.target_ids[-1] == video.tokenizer.eos_token_id
+    args = ["--out", str(out), "--projector-steps", "1", "--tower-steps", "1", "--batch-size", "1", "--frames", "16",
+            "--eval-items", "1", "--warmup", "1", "--save-every", "1"]
+    assert main(args + ["--max-minutes", "0"]) == 0  # stops, saved, after the first step
+    assert [json.loads(line)["step"] for line in (out / LOG_FILE).read_text().splitlines()] == [1]
+    after_one = load_embedded_video_model(out)
+    changed = {k for k, v in trained_state(after_one.model).items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed)  # stage 1: projector
+    assert main(args + ["--resume"]) == 0
+    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and [r["stage"] for r in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and 0.0 <= log[-1]["heldout_accuracy"] <= 1.0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    final = load_embedded_video_model(out)
+    assert any(not torch.equal(v, before[k]) for k, v in trained_state(final.model).items()
+               if k.startswith("model.vision_tower."))  # stage 2 moved the tower
+    for name, tensor in final.model.model.language_model.state_dict().items():
+        assert torch.equal(tensor, language[name]), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["provenance"]["steps_done"] == 2 and config["provenance"]["command"].startswith("python -m")
+    assert (out / STATE_FILE).is_file()
+
+
+def test_resume_needs_a_saved_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_state.pt"):
+        main(["--out", str(tmp_path), "--resume"])

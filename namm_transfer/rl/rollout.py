@@ -247,8 +247,9 @@ def window_rollout(model: nn.Module, seeds: list[int], settings: RolloutSettings
     return BatchResult(episodes, seconds, int(batch.lengths.sum()))
 
 
-def _retention_by_type(cache: EvictingCache, row: int, timestep: int) -> tuple[dict[str, int], dict[str, list[int]]]:
-    """Visible slots of ``row`` by token type, and by type and age bucket, summed over layers and KV heads."""
+def retention_by_type(cache: EvictingCache, row: int, timestep: int) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """Visible slots of ``row`` by token type, and by type and age bucket (:data:`AGE_BUCKET` timesteps, age =
+    ``timestep`` - the token's timestep), summed over layers and KV heads."""
     buckets = timestep // AGE_BUCKET + 1
     by_type = {name: 0 for name in TOKEN_TYPES}
     by_age = {name: [0] * buckets for name in TOKEN_TYPES}
@@ -264,6 +265,88 @@ def _retention_by_type(cache: EvictingCache, row: int, timestep: int) -> tuple[d
     return by_type, by_age
 
 
+class CachedActor:
+    """Acts with a DT over a whole episode by incremental inference through an evicting cache.
+
+    Each :meth:`act` feeds the previous action (after the first timestep), then the return-to-go and the state of
+    the new timestep, cut at multiples of ``update_every`` so a policy step always sees exactly ``update_every``
+    new queries, and reads the action at the state token. With ``policy=None`` (a full cache) the actions equal
+    ``DecisionTransformerModel.forward`` over the whole episode so far.
+
+    Use as a context manager: entering routes the backbone's attention through the evicting cache, leaving
+    restores it.
+
+    Args:
+        model: the DT (eval mode).
+        rows: episodes acted on together (B).
+        policy: eviction policy, or None for the full cache.
+        cache_config: its ``update_every`` must be a multiple of 3, so every policy step starts at a return token.
+
+    Attributes:
+        cache: the evicting cache of the B episodes.
+        visible_by_step: ``{(policy step, layer): [visible slots kept by each live row]}`` (mean over KV heads),
+            filled when :meth:`act` gets the ``live`` rows.
+    """
+
+    def __init__(self, model: nn.Module, rows: int, policy: EvictionPolicy | None, cache_config: CacheConfig):
+        if cache_config.update_every % 3:
+            raise ValueError(f"update_every must be a multiple of 3 for a DT, got {cache_config.update_every}")
+        self.model = model
+        self.adapter = DecisionTransformerAdapter()
+        geometry = self.adapter.geometry(model)
+        self.cache = EvictingCache(policy, geometry.num_layers, geometry.managed_layers, cache_config)
+        self.cache.begin()
+        self.update_every = cache_config.update_every
+        self.device = next(model.parameters()).device
+        self.rows = rows
+        self.fed = 0
+        self.previous_action: torch.Tensor | None = None
+        self.visible_by_step: dict[tuple[int, int], list[float]] = {}
+        self._restore = None
+
+    def __enter__(self) -> "CachedActor":
+        self._restore = self.adapter.attach(self.model)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    @torch.no_grad()
+    def act(
+        self, returns_to_go: torch.Tensor, states: torch.Tensor, timestep: int, live: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Actions (B, act_dim) for timestep ``timestep`` from returns-to-go (B, 1) (scaled) and states
+        (B, state_dim) (normalised); ``live`` (B,) bool marks the rows whose kept slots count for the budget."""
+        steps = torch.full((self.rows,), timestep, dtype=torch.long, device=self.device)
+        tokens = [self.adapter.embed(self.model, 0, returns_to_go, steps),
+                  self.adapter.embed(self.model, 1, states, steps)]
+        if self.previous_action is not None:
+            tokens.insert(0, self.adapter.embed(self.model, 2, self.previous_action, steps - 1))
+        embeds = torch.cat(tokens, dim=1)
+        count = embeds.shape[1]
+        for a, b in prefill_chunks(self.fed, self.fed + count, count, self.update_every):
+            steps_before = len(self.cache.retention)
+            hidden = self.adapter.forward_chunk(
+                self.model, self.cache, inputs_embeds=embeds[:, a - self.fed : b - self.fed],
+                position_ids=torch.zeros(self.rows, b - a, dtype=torch.long, device=self.device), last_only=True,
+            )
+            if live is not None and len(self.cache.retention) > steps_before:
+                self._record_budget(self.cache.retention[steps_before:], live, b - a)
+        self.fed += count
+        self.previous_action = self.model.predict_action(hidden[:, -1])
+        return self.previous_action
+
+    def _record_budget(self, records, live: torch.Tensor, appended: int) -> None:
+        """Append the visible slots each live row kept at the policy steps ``records`` (mean over KV heads); the
+        forward that ran the steps has since appended ``appended`` tokens, not counted."""
+        if not live.any():
+            return
+        for record in records:
+            layer = self.cache.layers[record.layer]
+            visible = layer.valid.sum(dim=-1).float().mean(dim=-1).cpu()[live] - appended  # (live rows,)
+            self.visible_by_step.setdefault((record.step, record.layer), []).extend(visible.tolist())
+
+
 @torch.no_grad()
 def cached_rollout(
     model: nn.Module,
@@ -272,63 +355,26 @@ def cached_rollout(
     policy: EvictionPolicy | None,
     cache_config: CacheConfig,
 ) -> BatchResult:
-    """Incremental inference over whole episodes with an evicting cache (see the module docstring).
-
-    Args:
-        policy: the eviction policy (NAMM or baseline), or None to keep every token.
-        cache_config: its ``update_every`` must be a multiple of 3 so that every policy step starts at a
-            return token (steps then fall at the same phase of the (R, s, a) cycle).
-    """
-    if cache_config.update_every % 3:
-        raise ValueError(f"update_every must be a multiple of 3 for a DT, got {cache_config.update_every}")
+    """Whole episodes acted by a :class:`CachedActor` (see the module docstring)."""
     device = next(model.parameters()).device
     batch = _EnvBatch(settings.gym_id, seeds, settings.max_episode_steps)
     _check_model(model, batch, settings)
-    adapter = DecisionTransformerAdapter()
-    geometry = adapter.geometry(model)
-    cache = EvictingCache(policy, geometry.num_layers, geometry.managed_layers, cache_config)
-    cache.begin()
-    rows, act_dim = len(seeds), batch.action_low.shape[0]
+    rows = len(seeds)
     remaining = torch.full((rows, 1), settings.target_return / settings.return_scale, device=device)
-    previous_action = torch.zeros(rows, act_dim, device=device)
-    last_timestep = settings.max_episode_steps - 1
     visible_history: list[torch.Tensor] = []  # per timestep (B, L)
     retention: dict[int, tuple[dict, dict]] = {}
-    visible_by_step: dict[tuple[int, int], list[float]] = {}
-    fed = 0
-    restore = adapter.attach(model)
     start = time.perf_counter()
-    try:
+    with CachedActor(model, rows, policy, cache_config) as actor:
         for t in range(settings.max_episode_steps):
-            timestep = torch.full((rows,), min(t, last_timestep), dtype=torch.long, device=device)
-            tokens = [
-                adapter.embed(model, 0, remaining, timestep),
-                adapter.embed(model, 1, _normalise(batch.observation, settings, device), timestep),
-            ]
-            if t > 0:
-                tokens.insert(0, adapter.embed(model, 2, previous_action, timestep - 1))
-            embeds = torch.cat(tokens, dim=1)
             live = ~torch.from_numpy(batch.done)
-            for a, b in prefill_chunks(fed, fed + embeds.shape[1], embeds.shape[1], cache_config.update_every):
-                steps_before = len(cache.retention)
-                hidden = adapter.forward_chunk(
-                    model, cache, inputs_embeds=embeds[:, a - fed : b - fed],
-                    position_ids=torch.zeros(rows, b - a, dtype=torch.long, device=device), last_only=True,
-                )
-                if len(cache.retention) > steps_before:
-                    _record_step_budget(cache, cache.retention[steps_before:], live, b - a, visible_by_step)
-            fed += embeds.shape[1]
-            action = model.predict_action(hidden[:, -1])
-            visible_history.append(cache.visible_per_layer())
+            action = actor.act(remaining, _normalise(batch.observation, settings, device), t, live)
+            visible_history.append(actor.cache.visible_per_layer())
             rewards = batch.step(action.cpu().numpy())
             remaining = remaining - torch.from_numpy(rewards).float().to(device)[:, None] / settings.return_scale
-            previous_action = action
             for row in np.flatnonzero(batch.done & (batch.lengths == t + 1)):
-                retention[int(row)] = _retention_by_type(cache, int(row), t)
+                retention[int(row)] = retention_by_type(actor.cache, int(row), t)
             if batch.done.all():
                 break
-    finally:
-        restore()
     seconds = time.perf_counter() - start
     batch.close()
     per_token_layer = _bytes_per_token_layer(model)
@@ -349,16 +395,5 @@ def cached_rollout(
                 cache_curve=tokens[::10].tolist(),
             )
         )
-    budget = {key: float(np.mean(values)) for key, values in visible_by_step.items()}
+    budget = {key: float(np.mean(values)) for key, values in actor.visible_by_step.items()}
     return BatchResult(episodes, seconds, int(batch.lengths.sum()), budget)
-
-
-def _record_step_budget(cache: EvictingCache, records, live: torch.Tensor, appended: int, out: dict) -> None:
-    """Append the visible slots each live row kept at the policy steps ``records`` (mean over KV heads) to
-    ``out[(step, layer)]``; the forward that ran the steps has since appended ``appended`` tokens, not counted."""
-    if not live.any():
-        return
-    for record in records:
-        layer = cache.layers[record.layer]
-        visible = layer.valid.sum(dim=-1).float().mean(dim=-1).cpu()[live] - appended  # (live rows,)
-        out.setdefault((record.step, record.layer), []).extend(visible.tolist())

@@ -1,10 +1,11 @@
 """Adapter for Hugging Face decoder-only causal LMs: Llama (SmolLM2 is a Llama), Mistral, Qwen2, Qwen3 and the
 Gemma3 text model.
 
-The decoder is ``model.model``. A policy manages the layers whose ``config.layer_types`` entry is
-``"full_attention"`` (all layers when the config has no ``layer_types``, e.g. Llama, or Mistral whose window applies
-to every layer); Gemma3's and Qwen2's ``"sliding_attention"`` layers are left unmanaged, and their window is applied
-by the ``namm_evicting`` attention mask.
+The decoder is ``model.model``. A policy manages the full-attention layers only: those whose ``config.layer_types``
+entry is ``"full_attention"`` (Gemma3, Qwen2, Qwen3) or, for configs without ``layer_types``, every layer when
+``config.sliding_window`` is unset (Llama) and none when it is set (Mistral applies its window to every layer).
+Sliding-window layers are left unmanaged: their window is applied by the ``namm_evicting`` attention mask and the cache
+drops the tokens that fell out of it.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ class CausalLMAdapter:
         num_q_heads = config.num_attention_heads
         layer_types = getattr(config, "layer_types", None)
         if layer_types is None:
-            managed = frozenset(range(num_layers))
-        else:
-            managed = frozenset(i for i, kind in enumerate(layer_types[:num_layers]) if kind == "full_attention")
+            sliding = getattr(config, "sliding_window", None) is not None
+            layer_types = ["sliding_attention" if sliding else "full_attention"] * num_layers
+        managed = frozenset(i for i, kind in enumerate(layer_types[:num_layers]) if kind == "full_attention")
         return ModelGeometry(
             num_layers=num_layers,
             num_q_heads=num_q_heads,

@@ -58,7 +58,7 @@ from namm_transfer.namm.baselines import make_baseline  # noqa: E402
 from namm_transfer.namm.budget import MatchedBudget, RetentionRecord  # noqa: E402
 from namm_transfer.namm.config import NammConfig  # noqa: E402
 from namm_transfer.namm.features import NormalisationStats, StatsAccumulator  # noqa: E402
-from namm_transfer.namm.interface import EvictionPolicy, KeepDecision, LayerView  # noqa: E402
+from namm_transfer.namm.interface import EvictionPolicy, KeepDecision, LayerView, StepRequirements  # noqa: E402
 from namm_transfer.namm.policy import NammPolicy  # noqa: E402
 from namm_transfer.runtime.cache import CacheConfig  # noqa: E402
 from namm_transfer.runtime.runner import EvictingRunner, GenerationResult, RunnerConfig  # noqa: E402
@@ -90,6 +90,7 @@ class TimedPolicy:
     def __init__(self, inner: EvictionPolicy, device: torch.device):
         self.inner = inner
         self.name = inner.name
+        self.requirements = getattr(inner, "requirements", StepRequirements())
         self.device = device
         self.attention_seconds = self.policy_seconds = 0.0
         self.attention_cpu_seconds = self.policy_cpu_seconds = 0.0
@@ -97,6 +98,11 @@ class TimedPolicy:
 
     def begin(self, batch_size: int, num_layers: int) -> None:
         self.inner.begin(batch_size, num_layers)
+
+    def state_bytes(self) -> int:
+        """The inner policy's per-sequence state bytes (0 when it keeps none)."""
+        state = getattr(self.inner, "state_bytes", None)
+        return 0 if state is None else state()
 
     def step(self, view: LayerView) -> KeepDecision:
         compute = view.attention_fn
@@ -237,6 +243,12 @@ def summarise(method: str, length: int, runs: list[Run], bytes_per_slot: int, ch
         "cpu_s": statistics.median(r.cpu_seconds for r in runs),
         "kv_bytes_peak": first.kv_bytes_peak,
         "kv_bytes_final": first.kv_bytes_final,
+        "policy_bytes_peak": first.policy_bytes_peak,
+        "policy_bytes_final": first.policy_bytes_final,
+        "total_bytes_peak": first.total_bytes_peak,
+        "total_bytes_final": first.total_bytes_final,
+        "total_peak_vs_kept_pct": 100.0 * first.total_bytes_peak / (peak_slots * bytes_per_slot),
+        "total_final_vs_kv_pct": 100.0 * first.total_bytes_final / first.kv_bytes_final,
         "kept_tokens_final": statistics.fmean(kept),
         "kept_tokens_min_layer": min(kept),
         "kept_tokens_max_layer": max(kept),
@@ -266,6 +278,7 @@ def add_ratios(rows: list[dict]) -> None:
         row["prefill_vs_full"] = row["prefill_s"] / ref["prefill_s"]
         row["peak_vs_full"] = row["kv_bytes_peak"] / ref["kv_bytes_peak"]
         row["final_vs_full"] = row["kv_bytes_final"] / ref["kv_bytes_final"]
+        row["total_peak_vs_full"] = row["total_bytes_peak"] / ref["total_bytes_peak"]
 
 
 def make_prompt(tokenizer, length: int, seed: int) -> torch.Tensor:
@@ -289,7 +302,9 @@ def build_policy(method: str, namm: NammPolicy, namm_result: GenerationResult | 
 
 
 TABLE_COLUMNS = ("length", "method", "prefill_s", "decode_s", "total_s", "time_vs_full", "cpu_s", "cpu_vs_full",
-                 "peak_MiB", "peak_vs_full", "final_MiB", "kept_tokens_final", "retention_final", "peak_vs_kept_pct",
+                 "peak_MiB", "peak_vs_full", "final_MiB", "policy_peak_MiB", "policy_final_MiB", "total_peak_MiB",
+                 "total_peak_vs_full", "total_final_vs_kv_pct", "kept_tokens_final", "retention_final",
+                 "peak_vs_kept_pct", "total_peak_vs_kept_pct",
                  "attention_s", "policy_s", "attention_cpu_s", "policy_cpu_s")
 
 
@@ -297,7 +312,10 @@ def table_rows(rows: list[dict]) -> list[dict]:
     """The rows with bytes shown in MiB, for :func:`namm_transfer.evals.report.format_table`."""
     shown = []
     for row in rows:
-        shown.append({**row, "peak_MiB": row["kv_bytes_peak"] / 2**20, "final_MiB": row["kv_bytes_final"] / 2**20})
+        shown.append({**row, "peak_MiB": row["kv_bytes_peak"] / 2**20, "final_MiB": row["kv_bytes_final"] / 2**20,
+                      "policy_peak_MiB": row["policy_bytes_peak"] / 2**20,
+                      "policy_final_MiB": row["policy_bytes_final"] / 2**20,
+                      "total_peak_MiB": row["total_bytes_peak"] / 2**20})
     return shown
 
 

@@ -5,7 +5,7 @@ cache at 8k and 32k tokens.
 Sections (each guarded: an error is recorded in the JSON and the next section runs):
 
 * ``a`` correctness: :func:`~namm_transfer.runtime.triton_attention.fused_recent_attention` against the torch path
-  of :func:`~namm_transfer.runtime.attention.recent_attention` on 512 queries x 32 heads over 8k and 32k slots with
+  of :func:`~namm_transfer.runtime.attention_rows.attention_rows` on 512 queries x 32 heads over 8k and 32k slots with
   evicted gaps and padding slots: max abs difference, share of differing entries, row-sum error.
 * ``c`` recompute: the attention rows of 512 recent queries over N cached keys for every layer (32 x 8 KV heads),
   the torch way vs the Triton kernel (median of ``--repeats``), at each ``--recompute-slots``.
@@ -52,7 +52,7 @@ from namm_transfer.namm.config import NammConfig  # noqa: E402
 from namm_transfer.namm.features import NormalisationStats  # noqa: E402
 from namm_transfer.namm.policy import NammPolicy  # noqa: E402
 from namm_transfer.runtime import triton_attention  # noqa: E402
-from namm_transfer.runtime.attention import recent_attention  # noqa: E402
+from namm_transfer.runtime.attention_rows import attention_rows  # noqa: E402
 from namm_transfer.runtime.cache import CacheConfig  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -73,7 +73,7 @@ def sync_time(device: torch.device) -> float:
 
 @contextlib.contextmanager
 def torch_path():
-    """Run :func:`recent_attention` on its torch path (the fused kernel switched off) inside the block."""
+    """Run :func:`attention_rows` on its torch path (the fused kernel switched off) inside the block."""
     previous = os.environ.get(triton_attention.ENV_SWITCH)
     os.environ[triton_attention.ENV_SWITCH] = "0"
     try:
@@ -144,9 +144,9 @@ def section_correctness(args, device, geometry) -> dict:
     for slots in args.check_slots:
         inputs = attention_inputs(q_heads, kv_heads, args.queries, slots, dim, device, evicted=True, seed=slots)
         scaling = dim**-0.5
-        got = triton_attention.fused_recent_attention(**inputs, scaling=scaling, attention_dtype=torch.bfloat16)
+        got = triton_attention.fused_recent_attention(**inputs, scaling=scaling, numerics="bfloat16")
         with torch_path():
-            want = recent_attention(**inputs, scaling=scaling, attention_dtype=torch.bfloat16, chunk=128)
+            want = attention_rows(**inputs, scaling=scaling, numerics="bfloat16", chunk=128).float()
         diff = (got - want).abs()
         rows.append({
             "slots": slots, "queries": args.queries, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": dim,
@@ -171,7 +171,7 @@ def section_recompute(args, device, geometry, layers: int) -> dict:
 
         def all_layers() -> None:
             for inputs in per_layer:
-                recent_attention(**inputs, scaling=scaling, attention_dtype=torch.bfloat16, chunk=128)
+                attention_rows(**inputs, scaling=scaling, numerics="bfloat16", chunk=128).float()
 
         row = {"slots": slots, "queries": args.queries, "layers": layers}
         paths = [("torch", torch_path)] + ([("triton", contextlib.nullcontext)] if use_kernel else [])
@@ -248,6 +248,8 @@ def section_prefill(args, device, model, started: float) -> dict:
                 "final_step_s": statistics.median(r.result.decode_seconds for r, _ in runs),
                 "total_s": statistics.median(r.result.prefill_seconds + r.result.decode_seconds for r, _ in runs),
                 "kv_bytes_peak": result.kv_bytes_peak, "kv_bytes_final": result.kv_bytes_final,
+                "policy_bytes_peak": result.policy_bytes_peak, "policy_bytes_final": result.policy_bytes_final,
+                "total_bytes_peak": result.total_bytes_peak, "total_bytes_final": result.total_bytes_final,
                 "kept_tokens_final": statistics.fmean(result.kept_per_layer),
                 "evicted_per_step": evicted_per_step(result),
                 "peak_vs_kept_pct": 100.0 * result.kv_bytes_peak / (

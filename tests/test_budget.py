@@ -56,6 +56,31 @@ def test_matched_budget_missing_key_names_step_and_layer():
         budget.tokens(view_of(list(range(10)), step=2, layer=3))
 
 
+def test_matched_budget_extends_past_the_recorded_steps_with_the_last_share():
+    """A baseline answering longer than the NAMM: past a layer's last recorded step it keeps the share of tokens seen
+    the NAMM held at that step, and says which steps it extended (issue 6, fix 4)."""
+    log = [RetentionRecord(0, 0, 512, 400, 512), RetentionRecord(1, 0, 912, 600, 1024),
+           RetentionRecord(0, 1, 512, 256, 512)]
+    budget = MatchedBudget.from_retention(log)
+    assert budget.last_shares == {0: 600 / 1024, 1: 0.5} and budget.extended_steps == 0
+    assert budget.tokens(view_of(list(range(1024)), step=1, layer=0)) == 600  # recorded: replayed
+    # step 2 of layer 0 at 1536 tokens seen: ceil(600 / 1024 * 1536) = 900
+    assert budget.tokens(view_of(list(range(1536)), step=2, layer=0)) == 900
+    assert budget.tokens(view_of(list(range(1536)), step=2, layer=1)) == 768
+    assert budget.tokens(view_of(list(range(1536)), step=2, layer=1)) == 768  # asked again: still one extension
+    assert budget.extended == {(2, 0), (2, 1)} and budget.extended_steps == 2
+    with pytest.raises(ValueError, match="no recorded count for step 0, layer 2"):  # a layer never recorded
+        budget.tokens(view_of(list(range(10)), step=0, layer=2))
+    with pytest.raises(ValueError, match="share of layer 0"):
+        MatchedBudget({(0, 0): 1}, {0: 1.5})
+
+
+def test_matched_budget_without_tokens_seen_cannot_extend():
+    budget = MatchedBudget.from_retention([RetentionRecord(0, 0, 512, 400)])
+    with pytest.raises(ValueError, match="no recorded count for step 1, layer 0"):
+        budget.tokens(view_of(list(range(1024)), step=1, layer=0))
+
+
 @pytest.mark.parametrize("counts", [{}, {(0, 0): 0}, {(-1, 0): 3}, {(0,): 3}, {"a": 3}, {(0, 0): 2.5}])
 def test_matched_budget_rejects_bad_counts(counts):
     with pytest.raises(ValueError, match="MatchedBudget"):
@@ -74,7 +99,7 @@ def test_matched_budget_from_retention_log():
 @pytest.mark.parametrize(
     "fields, message",
     [((-1, 0, 5, 3), "step and layer"), ((0, 0, 0, 1), "slots_before"), ((0, 0, 5, 6), "kept must be in"),
-     ((0, 0, 5, 0), "kept must be in")],
+     ((0, 0, 5, 0), "kept must be in"), ((0, 0, 5, 3, 4), "tokens_seen must be >= slots_before")],
 )
 def test_retention_record_validates(fields, message):
     with pytest.raises(ValueError, match=message):

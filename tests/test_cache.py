@@ -1,5 +1,6 @@
-"""EvictingCache and the evicting attention on synthetic tensors: arrival bookkeeping, the lazy policy schedule,
-gathers, padding, the recomputed recent attention and the forward attention against dense references."""
+"""EvictingCache and the evicting attention on synthetic tensors: arrival bookkeeping, the policy schedule (lazy at a
+chunk's end, inside a chunk that crosses a period boundary), gathers, padding, byte accounting, the recomputed
+attention rows and the forward attention against dense references."""
 
 from __future__ import annotations
 
@@ -8,24 +9,29 @@ import torch
 import torch.nn.functional as F
 
 from namm_transfer.namm.budget import RetentionRecord
-from namm_transfer.namm.interface import KeepDecision
-from namm_transfer.runtime.attention import (
-    active_layer_for,
-    evicting_attention,
-    namm_attention_forward,
-    visibility_mask,
-)
+from namm_transfer.namm.interface import KeepDecision, StepRequirements
+from namm_transfer.runtime.attention import evicting_attention, namm_attention_forward
 from namm_transfer.runtime.cache import CacheConfig, EvictingCache
+from namm_transfer.runtime.layer import active_layer_for, visibility_mask
 
 B, H, HQ, D = 2, 2, 4, 8
 SCALE = D**-0.5
 
 
+class Module(torch.nn.Module):
+    """The attributes transformers' sdpa attention reads from an attention module."""
+
+    is_causal = True
+    num_key_value_groups = HQ // H
+
+
 def feed(cache: EvictingCache, layer: int, n: int, window: int | None = None, batch: int = B) -> torch.Tensor:
-    """Append n random tokens to ``layer`` and attend with n random queries, as a model layer would."""
+    """Append n random tokens to ``layer`` and attend with n random queries through the registered attention function,
+    as a model layer would. Returns (B, Hq, n, D)."""
     keys, values = cache.update(torch.randn(batch, H, n, D), torch.randn(batch, H, n, D), layer)
     query = torch.randn(batch, HQ, n, D)
-    return evicting_attention(cache.layers[layer], query, keys, values, SCALE, window)
+    out, _ = namm_attention_forward(Module(), query, keys, values, None, scaling=SCALE, sliding_window=window)
+    return out.transpose(1, 2)
 
 
 def dense_visible(token_index, valid, query_index, window=None):
@@ -94,9 +100,20 @@ class ConstantPolicy:
         return KeepDecision(self.indices, self.visible)
 
 
-def test_cache_config_validation():
-    assert CacheConfig().update_every == 512 and CacheConfig().torch_attention_dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="update_every must be >= 1"):
+class Declaring(DropOddPolicy):
+    """DropOddPolicy declaring its period and numerics, as a NAMM does."""
+
+    requirements = StepRequirements(update_every=6, attention_numerics="official")
+
+
+def test_cache_config_validation_and_settled_schedule():
+    assert (EvictingCache(None, 1).update_every, EvictingCache(None, 1).numerics) == (512, "bfloat16")
+    declared = EvictingCache(Declaring(), 1)
+    assert (declared.update_every, declared.numerics) == (6, "official")  # the policy's declaration is read
+    overridden = EvictingCache(Declaring(), 1, config=CacheConfig(update_every=4, attention_dtype="float32"))
+    assert (overridden.update_every, overridden.numerics) == (4, "float32")  # an explicit config overrides it
+    assert EvictingCache(DropOddPolicy(), 1, config=CacheConfig(update_every=4)).update_every == 4
+    with pytest.raises(ValueError, match="update_every must be None or >= 1"):
         CacheConfig(update_every=0)
     with pytest.raises(ValueError, match="attention_dtype"):
         CacheConfig(attention_dtype="float16")
@@ -133,7 +150,7 @@ def test_step_runs_lazily_at_the_next_update_and_gathers():
     feed(cache, 0, 1)  # the due step runs before this token is appended
     view = policy.views[0]
     assert (view.step, view.n_new, view.num_slots, view.layer) == (0, 4, 4, 0)
-    assert cache.retention == [RetentionRecord(step=0, layer=0, slots_before=4, kept=3)]
+    assert cache.retention == [RetentionRecord(step=0, layer=0, slots_before=4, kept=3, tokens_seen=4)]
     layer = cache.layers[0]
     assert torch.equal(layer.token_index[0, 0], torch.tensor([0, 2, 3, 4]))
     assert torch.equal(layer.keys[:, :, :3], keys_before[:, :, [0, 2, 3]])
@@ -144,13 +161,75 @@ def test_step_runs_lazily_at_the_next_update_and_gathers():
     assert layer.pending == 0 and layer.queries is None
 
 
-def test_one_large_chunk_gives_one_step_over_all_new_tokens():
+def test_a_chunk_crossing_period_boundaries_steps_at_each_boundary():
+    """generate's one-shot prefill: 10 tokens with a period of 4 give steps at 4 and 8 tokens with 4 queries each;
+    the tokens past a boundary are attended after the step, over the pruned cache."""
+    torch.manual_seed(0)
     policy = DropOddPolicy()
     cache = EvictingCache(policy, 1, config=CacheConfig(update_every=4))
-    feed(cache, 0, 10)
-    cache.flush()
-    assert [v.n_new for v in policy.views] == [10]
-    assert cache.retention == [RetentionRecord(0, 0, 10, 6)]
+    out = feed(cache, 0, 10)
+    assert out.shape == (B, HQ, 10, D) and torch.isfinite(out).all()
+    assert [v.n_new for v in policy.views] == [4, 4]
+    assert [v.token_index[0, 0].tolist() for v in policy.views] == [[0, 1, 2, 3], [0, 2, 3, 4, 5, 6, 7]]
+    assert cache.retention == [RetentionRecord(0, 0, 4, 3, 4), RetentionRecord(1, 0, 7, 5, 8)]
+    layer = cache.layers[0]
+    assert layer.token_index[0, 0].tolist() == [0, 2, 4, 6, 7, 8, 9] and layer.pending == 2 and layer.incoming is None
+    assert layer.queries.shape == (B, HQ, 2, D)
+
+
+def test_segments_after_a_boundary_attend_over_the_pruned_cache():
+    """The output of a crossing chunk equals feeding the same tokens in chunks cut at the boundary."""
+    torch.manual_seed(5)
+    k, v, q = torch.randn(B, H, 7, D), torch.randn(B, H, 7, D), torch.randn(B, HQ, 7, D)
+    outputs = []
+    for cuts in ([(0, 7)], [(0, 4), (4, 7)]):
+        cache = EvictingCache(DropOddPolicy(), 1, config=CacheConfig(update_every=4))
+        parts = []
+        for a, b in cuts:
+            keys, values = cache.update(k[:, :, a:b], v[:, :, a:b], 0)
+            out, _ = namm_attention_forward(Module(), q[:, :, a:b], keys, values, None, scaling=SCALE)
+            parts.append(out)
+        outputs.append(torch.cat(parts, dim=1))
+        assert cache.retention == [RetentionRecord(0, 0, 4, 3, 4)]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)
+
+
+class Stateful(DropOddPolicy):
+    """DropOddPolicy reporting 100 bytes of per-sequence state."""
+
+    def state_bytes(self):
+        return 100
+
+
+class Blind(DropOddPolicy):
+    """DropOddPolicy declaring that it never reads attention."""
+
+    requirements = StepRequirements(reads_attention=False)
+
+
+def test_policy_bytes_count_every_byte_the_method_adds():
+    """policy_bytes: validity (1 byte), int32 arrival indices (4 bytes) per slot and head, buffered queries, tokens
+    held back at a boundary and the policy's own state; K/V stay in kv_bytes (issue 6, item 7)."""
+    torch.manual_seed(0)
+    cache = EvictingCache(Stateful(), 1, config=CacheConfig(update_every=4))
+    feed(cache, 0, 3)
+    slots = B * H * 3
+    assert cache.kv_bytes() == 2 * slots * D * 4
+    assert cache.policy_bytes() == slots * (1 + 4) + B * HQ * 3 * D * 4 + 100
+    assert cache.layers[0].token_index.dtype == torch.int32
+    feed(cache, 0, 1)
+    cache.flush()  # step at 4: keeps 0, 2, 3; the query buffer is emptied
+    assert cache.policy_bytes() == B * H * 3 * (1 + 4) + 100
+    assert cache.policy_bytes_peak == B * H * 4 * (1 + 4) + B * HQ * 4 * D * 4 + 100
+    assert cache.total_bytes_peak == 2 * B * H * 4 * D * 4 + cache.policy_bytes_peak
+    cache.update(torch.randn(B, H, 6, D), torch.randn(B, H, 6, D), 0)  # 4 appended up to 8, 2 held back
+    held = 2 * B * H * 2 * D * 4
+    assert cache.policy_bytes() == B * H * 7 * (1 + 4) + held + 100  # (no attention ran, so no queries yet)
+    with pytest.raises(ValueError, match="before its attention admitted the last one"):
+        cache.update(torch.randn(B, H, 1, D), torch.randn(B, H, 1, D), 0)
+    blind = EvictingCache(Blind(), 1, config=CacheConfig(update_every=4))
+    feed(blind, 0, 3)
+    assert blind.layers[0].queries is None and blind.policy_bytes() == slots * (1 + 4)  # nothing buffered
 
 
 def test_begin_marks_left_padding_invalid_and_validates():
@@ -159,8 +238,9 @@ def test_begin_marks_left_padding_invalid_and_validates():
     cache.begin(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
     feed(cache, 0, 3)
     feed(cache, 0, 3)
-    valid = cache.layers[0].valid
-    assert valid[0, :, :2].eq(False).all() and valid[0, :, 2:].all() and valid[1].all()
+    layer = cache.layers[0]  # the second chunk crossed the boundary at 4 tokens: slot 1 was evicted there
+    assert layer.token_index[0, 0].tolist() == [0, 2, 3, 4, 5]
+    assert layer.valid[0, :, 0].eq(False).all() and layer.valid[0, :, 1:].all() and layer.valid[1].all()
     cache.flush()
     assert torch.equal(policy.views[0].prompt_length, torch.tensor([5, 5]))
     with pytest.raises(ValueError, match="left-padded"):
@@ -200,11 +280,10 @@ def test_recent_attention_matches_a_dense_reference(dtype):
     probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0) * mask
     torch_dtype = getattr(torch, dtype)
     ref = probs.to(torch_dtype).view(B, H, HQ // H, n_new, n).mean(dim=2).float()
-    assert got.shape == (B, H, n_new, n) and got.dtype == torch.float32
-    torch.testing.assert_close(got, ref, atol=1e-6 if dtype == "float32" else 8e-3, rtol=0)
-    assert torch.equal(got, got.to(torch_dtype).float())  # values are exactly representable in the dtype
+    assert got.shape == (B, H, n_new, n) and got.dtype == getattr(torch, dtype)
+    torch.testing.assert_close(got.float(), ref, atol=1e-6 if dtype == "float32" else 8e-3, rtol=0)
     assert (got[~visible] == 0).all()
-    row_sums = got.sum(-1)
+    row_sums = got.float().sum(-1)
     real_rows = view.valid[:, :, n - n_new :]
     torch.testing.assert_close(row_sums[real_rows], torch.ones(int(real_rows.sum())), atol=2e-2, rtol=0)
     assert (row_sums[~real_rows] == 0).all()
@@ -315,11 +394,6 @@ def test_active_layer_marker_and_sdpa_fallback():
     keys, values = cache.update(torch.randn(1, H, 4, D), torch.randn(1, H, 4, D), 0)
     assert active_layer_for(keys) is cache.layers[0]
     assert active_layer_for(keys.clone()) is None
-
-    class Module(torch.nn.Module):
-        is_causal = True
-        num_key_value_groups = HQ // H
-
     query = torch.randn(1, HQ, 4, D)
     other_k, other_v = torch.randn(1, H, 4, D), torch.randn(1, H, 4, D)
     got, _ = namm_attention_forward(Module(), query, other_k, other_v, None, scaling=SCALE)

@@ -15,7 +15,6 @@ from namm_transfer.namm.features import (
     SpectralState,
     StatsAccumulator,
     ema_frame_weights,
-    gqa_mean,
     recency_embedding,
     recency_frequencies,
     spectral_ema_step,
@@ -88,28 +87,6 @@ def hand_made_attention(n_old: int, n_new: int, heads: int = 2, seed: int = 0) -
             row[n_old + t] += 2.0  # the query's own token
             attn[h, t, :visible] = row / row.sum()
     return attn
-
-
-# ---------------------------------------------------------------- gqa_mean
-def test_gqa_mean_groups_consecutive_heads_and_averages_in_dtype():
-    # 4 query heads -> 2 KV heads: heads 0,1 -> KV 0 and heads 2,3 -> KV 1.
-    values = torch.tensor([1.0, 3.0, 10.0, 30.0]).view(1, 4, 1, 1).expand(1, 4, 2, 3)
-    out = gqa_mean(values, 2, torch.float32)
-    assert out.shape == (1, 2, 2, 3)
-    assert torch.equal(out[0, :, 0, 0], torch.tensor([2.0, 20.0]))
-
-    # Rounded to bf16 first: 1 + 2^-10 is not representable in bf16 and rounds to 1, so the bf16 mean of
-    # (1 + 2^-10, 1 + 2^-10) is exactly 1 while the fp32 mean is not.
-    eps = 2.0**-10
-    close = torch.full((1, 2, 1, 1), 1.0 + eps)
-    assert gqa_mean(close, 1, "bfloat16").dtype == torch.bfloat16
-    assert gqa_mean(close, 1, "bfloat16").item() == 1.0
-    assert gqa_mean(close, 1, torch.float32).item() == 1.0 + eps
-
-
-def test_gqa_mean_rejects_bad_head_count():
-    with pytest.raises(ValueError, match="does not divide"):
-        gqa_mean(torch.zeros(1, 6, 2, 2), 4, torch.float32)
 
 
 # ---------------------------------------------------------------- spectrogram and EMA
@@ -222,6 +199,17 @@ def test_token_features_match_numpy():
         np.testing.assert_allclose(feats[0, h, :, 8:][:, ok].numpy(), normalised[:, ok], rtol=1e-4, atol=1e-4)
         # var 0: the std is clamped to 1e-7, so the feature is (E - mu) * 1e7.
         np.testing.assert_allclose(feats[0, h, :, 8 + 3].numpy() * 1e-7, ema[:, 3] - mean[3], rtol=1e-5, atol=1e-7)
+
+
+def test_token_features_clamp_ages_beyond_the_table():
+    """A protected sink token 40,000 tokens old gets the embedding of the largest age (the official table's last
+    row) instead of an error (issue 6, fix 6; namm-spec pitfall 11)."""
+    positions = torch.tensor([[[0, 7232, 40000]]])
+    state = SpectralState(ema=torch.zeros(1, 1, 3, 17), tail=torch.zeros(1, 1, 3, 16))
+    stats = NormalisationStats(torch.zeros(17), torch.ones(17))
+    feats = token_features(state, positions, stats, CFG)
+    expected = recency_embedding(torch.tensor([32768, 32768, 0]), CFG)
+    assert torch.equal(feats[0, 0, :, :8], expected)
 
 
 # ---------------------------------------------------------------- normalisation statistics

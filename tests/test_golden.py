@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from namm_transfer.namm.config import NammConfig
-from namm_transfer.namm.features import NormalisationStats, gqa_mean
+from namm_transfer.namm.features import NormalisationStats
 from namm_transfer.namm.interface import LayerView
 from namm_transfer.namm.policy import NammPolicy
+from namm_transfer.runtime.attention_rows import query_head_mean
 
 # The design folder lies beside the project's root (../shared/design), on developer machines and in CI.
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "design" / "golden" / "official-steps-seed11.npz"
@@ -40,7 +41,7 @@ def test_kept_positions_match_official(golden, vector):
         bits = torch.from_numpy(golden[f"v{vector}_s{step}_l0_attn_bf16"])
         attention = bits.view(torch.bfloat16).unsqueeze(0)  # (1, kv_heads * groups, 512, N)
         assert attention.shape[1] == kv_heads * groups
-        averaged = gqa_mean(attention, kv_heads, config.attention_dtype)
+        averaged = query_head_mean(attention, kv_heads, config.attention_dtype)  # the runtime's own GQA mean
         new = torch.arange(n_new * step, n_new * (step + 1)).expand(1, kv_heads, n_new)
         token_index = torch.cat([kept, new], dim=-1)
         assert token_index.shape[-1] == attention.shape[-1]

@@ -9,6 +9,8 @@ The poisoned-value check of eviction lives in test_runner.py; here the reference
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -100,6 +102,48 @@ def test_matched_budget_baselines_reproduce_the_namm_counts(tiny_llama):
         result = runner(tiny_llama, policy).generate(ids)
         assert {(r.step, r.layer): r.kept for r in result.retention} == counts, rule
         assert result.kept_per_layer == namm_run.kept_per_layer, rule
+
+
+def test_matched_budget_baselines_answering_longer_than_the_namm_run_to_the_end(tiny_llama):
+    """The NAMM stopped after 4 tokens; a baseline decoding 80 reaches steps the NAMM never ran: it keeps the NAMM's
+    last share of the tokens seen there and the budget says so (issue 6, fix 4)."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, 128, (1, 200))
+    namm_run = runner(tiny_llama, namm(evicting_params(5)), new_tokens=4).generate(ids)
+    recorded = {(r.step, r.layer) for r in namm_run.retention}
+    for rule in ("h2o", "recency"):
+        policy = build_policy(Method(rule, MATCHED), namm_retention=namm_run.retention)
+        result = runner(tiny_llama, policy, new_tokens=80).generate(ids)
+        extended = {(r.step, r.layer) for r in result.retention} - recorded
+        assert extended and policy.budget.extended == extended, rule  # steps at 256 tokens, on every layer
+        for record in result.retention:
+            if (record.step, record.layer) in extended:
+                share = policy.budget.last_shares[record.layer]
+                assert record.kept == min(record.slots_before, math.ceil(round(share * record.tokens_seen, 9)))
+
+
+@pytest.mark.parametrize("length", [96, 100])
+def test_generate_with_a_namm_steps_on_schedule_and_protects_the_prompt_tail(tiny_llama, length):
+    """model.generate with the cache and a one-shot prefill: any prompt length works (a 100-token prompt is no
+    multiple of the STFT hop), and the prompt tail the NAMM protects is taken from the first forward (issue 6,
+    fixes 1 and 3). Every score is -1, so only the newest token and the protected tail survive each step."""
+    config = NammConfig(update_every=16, protect_prompt_tail=8)
+    params = torch.zeros(config.num_params)
+    params[-1] = -1.0
+    policy = NammPolicy(config, params, STATS)
+    adapter = CausalLMAdapter()
+    restore = adapter.attach(tiny_llama)
+    try:
+        cache = EvictingCache(policy, 3)
+        ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+        hf_greedy(tiny_llama, ids, 20, **{cache_argument(tiny_llama): cache})
+    finally:
+        restore()
+    assert cache.update_every == 16  # declared by the NAMM
+    assert {r.tokens_seen for r in cache.retention} == set(range(16, length + 20, 16))
+    tail = set(range(length - 8, length))
+    for layer in cache.layers:
+        assert tail <= set(layer.token_index[0, 0].tolist())
 
 
 def test_population_members_batched_behave_as_each_member_alone(tiny_llama):

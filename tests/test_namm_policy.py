@@ -13,7 +13,7 @@ from namm_transfer.namm.features import (
     spectrogram,
 )
 from namm_transfer.namm.interface import EvictionPolicy, LayerView
-from namm_transfer.namm.policy import NammPolicy
+from namm_transfer.namm.policy import EMA_STATE_DTYPE, NammPolicy
 
 CFG = NammConfig()
 UNIT_STATS = NormalisationStats(torch.zeros(17), torch.ones(17))
@@ -83,8 +83,11 @@ def test_state_is_gathered_with_the_kept_indices():
     assert 8 <= len(expected) < 64  # a real eviction happened
     state = policy.layer_state(0)
     assert state.ema.shape == (1, 2, len(expected), 17) and state.tail.shape == (1, 2, len(expected), 16)
-    assert torch.equal(state.ema, full.ema[:, :, expected])
-    assert torch.equal(state.tail, full.tail[:, :, expected])
+    # carried narrow: the EMA in bf16 (the golden steps still match), the tail in the bf16 of the attention numerics
+    assert state.ema.dtype == EMA_STATE_DTYPE == torch.bfloat16 and state.tail.dtype == torch.bfloat16
+    assert torch.equal(state.ema, full.ema[:, :, expected].bfloat16())
+    assert torch.equal(state.tail, full.tail[:, :, expected].bfloat16())
+    assert policy.state_bytes() == 2 * len(expected) * (17 + 16) * 2
     evicted = sorted(set(range(64)) - set(expected))
     for j in evicted:  # an evicted token's state is gone
         assert not (state.ema == full.ema[0, 0, j]).all(-1).any()
@@ -106,12 +109,13 @@ def test_old_token_ema_decays_and_tail_is_carried():
     after = policy.layer_state(0)
     assert after.ema.shape == (1, 1, n0 + n1, 17)
     # token 3: E <- gamma^512 E_prev exactly the decay
-    torch.testing.assert_close(after.ema[0, 0, 3], GAMMA**n1 * before.ema[0, 0, 3], rtol=1e-5, atol=0)
+    torch.testing.assert_close(after.ema[0, 0, 3].float(), GAMMA**n1 * before.ema[0, 0, 3].float(), rtol=4e-3, atol=0)
     # token 5: its prior tail enters the first frame of the new series
-    series = torch.cat([before.tail[0, 0, 5], torch.zeros(n1)])
+    series = torch.cat([before.tail[0, 0, 5].float(), torch.zeros(n1)])
     first_frame = spectrogram(series, CFG)[0]
     carried = ema_frame_weights(n1 // 16, CFG)[0].float() * first_frame
-    torch.testing.assert_close(after.ema[0, 0, 5], GAMMA**n1 * before.ema[0, 0, 5] + carried)
+    expected = (GAMMA**n1 * before.ema[0, 0, 5].float() + carried).bfloat16()
+    torch.testing.assert_close(after.ema[0, 0, 5], expected, rtol=4e-3, atol=0)
     assert (carried > 0).any()
 
 

@@ -24,6 +24,8 @@ from transformers import (
 
 from namm_transfer.adapters.base import ModelGeometry, adapter_for, cache_argument, known_model_types
 from namm_transfer.adapters.causal_lm import CausalLMAdapter
+from namm_transfer.namm.baselines import make_baseline
+from namm_transfer.namm.budget import FixedRatioBudget
 from namm_transfer.runtime.cache import CacheConfig, EvictingCache
 from namm_transfer.runtime.runner import EvictingRunner, RunnerConfig, prefill_chunks
 
@@ -176,6 +178,28 @@ def test_left_padded_batch_gives_each_row_its_own_tokens(tiny_llama, policies):
         runner.generate(batch, attention_mask=mask.flip(1))
 
 
+@pytest.mark.parametrize("rule", ["recency", "h2o"])
+def test_an_evicting_rows_result_does_not_depend_on_its_batch(tiny_llama, rule):
+    """recency and H2O at half the tokens seen: a left-padded row gets the tokens, logits and kept sets it gets alone,
+    because padding never counts as arrivals for the period or the budget (issue 6, fix 5)."""
+    torch.manual_seed(10)
+    short, long_ = torch.randint(1, 128, (1, 50)), torch.randint(1, 128, (1, 75))
+    batch = torch.cat([torch.cat([torch.zeros(1, 25, dtype=torch.long), short], 1), long_])
+    mask = torch.cat([torch.cat([torch.zeros(1, 25), torch.ones(1, 50)], 1), torch.ones(1, 75)]).long()
+
+    def run(ids, attention_mask=None):
+        policy = make_baseline(rule, FixedRatioBudget(0.5))
+        return runner_for(tiny_llama, policy, chunk=24, every=16, new_tokens=30).generate(
+            ids, attention_mask=attention_mask, return_logits=True)
+
+    together = run(batch, mask)
+    assert any(r.kept < r.slots_before for r in together.retention)
+    for row, ids in enumerate((short, long_)):
+        alone = run(ids)
+        assert torch.equal(together.new_tokens[row], alone.new_tokens[0])
+        torch.testing.assert_close(together.logits[row], alone.logits[0], atol=1e-4, rtol=0)
+
+
 def test_padding_slots_are_never_attended(tiny_llama):
     torch.manual_seed(5)
     adapter = CausalLMAdapter()
@@ -216,8 +240,53 @@ def test_hf_generate_with_the_cache_matches_the_runner(tiny_llama, policies):
         restore()
     assert torch.equal(tokens, result.new_tokens)
     assert chunked.retention == result.retention
-    # without chunking, the first step sees the whole prompt at once (documented schedule difference)
-    assert one_shot_policy.calls[0][0].n_new == 100
+
+
+def test_hf_generate_one_shot_prefill_steps_on_the_period_schedule(tiny_llama, policies):
+    """generate feeds the whole prompt in one forward: the cache still steps at every multiple of the period with
+    exactly that many queries, so tokens, logits and kept sets equal the runner's chunked prefill (issue 6, fix 1)."""
+    torch.manual_seed(6)
+    ids = torch.randint(0, 128, (1, 100))
+    result = runner_for(tiny_llama, policies["top_attention"](10), chunk=16, every=32, new_tokens=40).generate(
+        ids, return_logits=True)
+    adapter = CausalLMAdapter()
+    restore = adapter.attach(tiny_llama)
+    try:
+        policy = policies["top_attention"](10)
+        one_shot = EvictingCache(policy, 3, config=CacheConfig(update_every=32))
+        tokens, logits = hf_greedy(tiny_llama, ids, 40, **{cache_argument(tiny_llama): one_shot})
+    finally:
+        restore()
+    assert [view.n_new for view, _ in policy.calls] == [32] * len(policy.calls)
+    # layer by layer inside the one forward, instead of forward by forward: the same records in another order
+    assert sorted(one_shot.retention, key=lambda r: (r.step, r.layer)) == result.retention
+    assert len(result.retention) == 3 * 4  # steps at 32, 64, 96 and 128 tokens
+    assert torch.equal(tokens, result.new_tokens)
+    torch.testing.assert_close(logits, result.logits, atol=1e-5, rtol=0)
+
+
+def test_hf_generate_reads_left_padding_from_the_attention_mask(tiny_llama):
+    """Under generate the cache learns the padding from the model's 2-D attention mask, without begin(): a left-padded
+    batch gives the logits of stock sdpa generate (issue 6, fix 2)."""
+    torch.manual_seed(8)
+    ids = torch.randint(1, 128, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    ids[0, :7] = 0
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+                   return_dict_in_generate=True, pad_token_id=0)
+    reference = tiny_llama.generate(ids, **options)
+    adapter = CausalLMAdapter()
+    restore = adapter.attach(tiny_llama)
+    try:
+        cache = EvictingCache(None, 3)
+        got = tiny_llama.generate(ids, **options, **{cache_argument(tiny_llama): cache})
+    finally:
+        restore()
+    assert torch.equal(got.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(reference.logits), atol=1e-5, rtol=0)
+    layer = cache.layers[0]
+    assert layer.valid[0, :, :7].eq(False).all() and layer.valid[0, :, 7:].all() and layer.valid[1].all()
 
 
 def test_peak_and_final_kv_bytes_are_exact(tiny_llama, policies):
@@ -231,6 +300,14 @@ def test_peak_and_final_kv_bytes_are_exact(tiny_llama, policies):
     # the step due at 64 tokens runs on the final flush: 8 kept tokens per layer
     assert result.kept_per_layer == [8, 8, 8]
     assert result.kv_bytes_final == 3 * 8 * per_token
+    # policy bytes: validity (1 byte) and int32 arrival index (4 bytes) per row, KV head and slot; no queries are
+    # buffered after the final step, and this policy holds no state
+    assert result.policy_bytes_final == 3 * 8 * 2 * 2 * (1 + 4)
+    assert result.total_bytes_final == result.kv_bytes_final + result.policy_bytes_final
+    # at the peak, right before the step at 64 tokens, each layer buffers 32 queries: 2 rows x 4 heads x 16 x 4 bytes
+    queries = 2 * 4 * 32 * 16 * 4
+    assert result.policy_bytes_peak == 3 * (40 * 2 * 2 * (1 + 4) + queries)
+    assert result.total_bytes_peak == result.kv_bytes_peak + result.policy_bytes_peak
 
 
 def test_prompt_embeddings_prefill_equals_token_ids(tiny_llama, policies):
@@ -285,7 +362,7 @@ def tiny(config_cls, model_cls, **extra):
     [
         (lambda: tiny(Qwen2Config, Qwen2ForCausalLM), {0, 1, 2}),
         (lambda: tiny(Qwen3Config, Qwen3ForCausalLM), {0, 1, 2}),
-        (lambda: tiny(MistralConfig, MistralForCausalLM, sliding_window=12), {0, 1, 2}),
+        (lambda: tiny(MistralConfig, MistralForCausalLM, sliding_window=12), set()),
         (
             lambda: tiny(
                 Gemma3TextConfig, Gemma3ForCausalLM, sliding_window=8,
@@ -311,6 +388,22 @@ def test_model_families_at_full_budget_equal_the_plain_model(build, managed, pol
     assert {v.layer for v in policy.views} == managed
     if model.config.model_type == "gemma3_text":  # unmanaged sliding layers hold window - 1 + the last token
         assert [result.kept_per_layer[i] for i in (0, 2)] == [8, 8] and result.kept_per_layer[1] == 47
+    if model.config.model_type == "mistral":  # every layer is a sliding layer: none holds more than the window
+        assert result.kept_per_layer == [12, 12, 12]
+
+
+def test_mistral_full_cache_holds_only_its_window(policies):
+    """Mistral (no layer_types, a sliding_window): the full cache trims every layer to its window and still equals the
+    plain model (issue 6, fix 6)."""
+    torch.manual_seed(9)
+    model = tiny(MistralConfig, MistralForCausalLM, sliding_window=12)
+    ids = torch.randint(0, 96, (1, 40))
+    config = RunnerConfig(chunk_size=12, max_new_tokens=8)
+    result = EvictingRunner(adapter_for(model), model, None, config).generate(ids, return_logits=True)
+    ref_tokens, ref_logits = hf_greedy(model, ids, 8)
+    assert torch.equal(result.new_tokens, ref_tokens)
+    torch.testing.assert_close(result.logits, ref_logits, atol=1e-4, rtol=0)
+    assert result.kept_per_layer == [12, 12, 12]  # window - 1 old tokens + the last one, not the 47 seen
 
 
 def test_unknown_model_type_gives_a_one_line_error():
@@ -335,7 +428,7 @@ def test_runner_config_and_chunk_bounds():
     assert prefill_chunks(0, 300, 128, 512) == [(0, 128), (128, 256), (256, 300)]
     assert prefill_chunks(0, 300, 100, 128) == [(0, 100), (100, 128), (128, 228), (228, 256), (256, 300)]
     assert prefill_chunks(30, 40, 8, 32) == [(30, 32), (32, 40)]
-    assert RunnerConfig().update_every == 512 and RunnerConfig().chunk_size == 128
+    assert RunnerConfig().cache == CacheConfig() and RunnerConfig().chunk_size == 128
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         RunnerConfig(chunk_size=0)
     with pytest.raises(ValueError, match="cache must be a CacheConfig"):

@@ -15,7 +15,8 @@ padding slots (``view.valid`` False) only when the real tokens do not fill the b
 * :class:`RandomPolicy`: uniform random slots, seeded.
 * :class:`FullCachePolicy`: keeps everything (the full-cache reference as a policy).
 
-All rules share one selection routine, :func:`namm_transfer.namm.selection.keep_top`.
+All rules share one selection routine, :func:`namm_transfer.namm.selection.keep_top`. Only H2O reads attention;
+the others declare so (``requirements``), and the runtime buffers no queries for them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from namm_transfer.namm.budget import Budget
-from namm_transfer.namm.interface import EvictionPolicy, KeepDecision, LayerView
+from namm_transfer.namm.interface import EvictionPolicy, KeepDecision, LayerView, StepRequirements
 from namm_transfer.namm.selection import keep_top
 
 
@@ -66,6 +67,10 @@ class H2OPolicy:
     def begin(self, batch_size: int, num_layers: int) -> None:
         """Drop the accumulated attention of the previous sequences."""
         self._totals.clear()
+
+    def state_bytes(self) -> int:
+        """Exact bytes of the accumulated attention carried for every layer now."""
+        return sum(t.numel() * t.element_size() for t in self._totals.values())
 
     def step(self, view: LayerView) -> KeepDecision:
         b, h, n = view.token_index.shape
@@ -107,6 +112,7 @@ class L2NormPolicy:
 
     budget: Budget
     name: ClassVar[str] = "l2"
+    requirements: ClassVar[StepRequirements] = StepRequirements(reads_attention=False)
 
     def begin(self, batch_size: int, num_layers: int) -> None:
         """Stateless: nothing to reset."""
@@ -137,6 +143,7 @@ class RecencyPolicy:
     budget: Budget
     sink: int = 4
     name: ClassVar[str] = "recency"
+    requirements: ClassVar[StepRequirements] = StepRequirements(reads_attention=False)
 
     def __post_init__(self) -> None:
         if self.sink < 0:
@@ -166,6 +173,7 @@ class RandomPolicy:
     budget: Budget
     seed: int = 0
     name: ClassVar[str] = "random"
+    requirements: ClassVar[StepRequirements] = StepRequirements(reads_attention=False)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -186,6 +194,7 @@ class FullCachePolicy:
     """Keep every slot: the full-cache reference behind the policy interface."""
 
     name: ClassVar[str] = "full"
+    requirements: ClassVar[StepRequirements] = StepRequirements(reads_attention=False)
 
     def begin(self, batch_size: int, num_layers: int) -> None:
         """Stateless: nothing to reset."""

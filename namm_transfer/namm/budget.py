@@ -5,7 +5,8 @@ A NAMM decides its own budget (score >= 0, namm-spec.md §4). The baselines of
 
 * :class:`FixedRatioBudget`: a fixed fraction of the tokens seen so far (the 25/50/75% Pareto runs);
 * :class:`MatchedBudget`: the per-(step, layer) counts a NAMM kept on the same input, replayed from the
-  runtime's retention log (:class:`RetentionRecord`).
+  runtime's retention log (:class:`RetentionRecord`); past the NAMM's last step of a layer (a baseline whose answer
+  runs longer) it keeps that step's share of the tokens seen and counts the steps it extended.
 
 Every budget returns a count clamped to ``[1, N]`` (N = ``view.num_slots``): a layer never keeps more slots
 than it holds, and always keeps at least the newest token.
@@ -44,12 +45,14 @@ class RetentionRecord:
         layer: layer index (``LayerView.layer``), >= 0.
         slots_before: N, the slots the layer held at the step (kept earlier + newly arrived), >= 1.
         kept: K, the slots kept for every row and head (``KeepDecision.kept``), in [1, slots_before].
+        tokens_seen: tokens the sequence had fed at the step (>= slots_before), or None when not recorded.
     """
 
     step: int
     layer: int
     slots_before: int
     kept: int
+    tokens_seen: int | None = None
 
     def __post_init__(self) -> None:
         if self.step < 0 or self.layer < 0:
@@ -59,6 +62,10 @@ class RetentionRecord:
         if not 1 <= self.kept <= self.slots_before:
             raise ValueError(
                 f"RetentionRecord kept must be in [1, slots_before={self.slots_before}], got {self.kept}"
+            )
+        if self.tokens_seen is not None and self.tokens_seen < self.slots_before:
+            raise ValueError(
+                f"RetentionRecord tokens_seen must be >= slots_before={self.slots_before}, got {self.tokens_seen}"
             )
 
 
@@ -81,21 +88,39 @@ class FixedRatioBudget:
             raise ValueError(f"FixedRatioBudget ratio must be in (0, 1], got {self.ratio}")
 
     def tokens(self, view: LayerView) -> int:
-        seen = int(view.token_index.max().item()) + 1
-        return _clamp(math.ceil(round(self.ratio * seen, 9)), view)
+        return _clamp(_share(self.ratio, _seen(view)), view)
+
+
+def _seen(view: LayerView) -> int:
+    """Tokens the sequence has fed so far: one past the newest slot's arrival index."""
+    return int(view.token_index.max().item()) + 1
+
+
+def _share(ratio: float, seen: int) -> int:
+    """``ceil(ratio * seen)``, the product rounded to 9 decimals first (0.35 * 20 gives 7, not 8)."""
+    return math.ceil(round(ratio * seen, 9))
 
 
 @dataclass(frozen=True)
 class MatchedBudget:
     """Replay the slot counts a NAMM kept on the same input, per (step, layer).
 
+    A baseline may run more steps than the NAMM did (its answer runs longer). Past a layer's last recorded step
+    it keeps that step's share of the tokens seen, ``ceil(kept / tokens_seen * seen_now)`` (the share the NAMM
+    held when it stopped, as :class:`FixedRatioBudget` would), and adds ``(step, layer)`` to ``extended``, which
+    a program reports (:attr:`extended_steps`).
+
     Attributes:
-        counts: ``{(step, layer): kept}`` with step, layer >= 0 and kept >= 1. A view whose
-            ``(view.step, view.layer)`` is missing raises ValueError (the runs did not see the same input
-            or schedule). The count is clamped to [1, N].
+        counts: ``{(step, layer): kept}`` with step, layer >= 0 and kept >= 1. The count is clamped to [1, N].
+        last_shares: ``{layer: kept / tokens_seen}`` at the layer's last recorded step, in (0, 1]; a layer
+            without one raises ValueError past its recorded steps, as does a missing step before them (the
+            runs did not see the same input or schedule).
+        extended: the (step, layer) pairs answered from ``last_shares`` so far.
     """
 
     counts: dict[tuple[int, int], int] = field(default_factory=dict)
+    last_shares: dict[int, float] = field(default_factory=dict)
+    extended: set[tuple[int, int]] = field(default_factory=set, compare=False)
 
     def __post_init__(self) -> None:
         if not self.counts:
@@ -115,12 +140,24 @@ class MatchedBudget:
                 )
             normalised[(step, layer)] = count
         object.__setattr__(self, "counts", normalised)
+        for layer, share in self.last_shares.items():
+            if not 0.0 < share <= 1.0:
+                raise ValueError(f"MatchedBudget share of layer {layer} must be in (0, 1], got {share}")
+        object.__setattr__(self, "_last_step", {})
+        for step, layer in normalised:
+            self._last_step[layer] = max(step, self._last_step.get(layer, step))
+
+    @property
+    def extended_steps(self) -> int:
+        """How many (step, layer) counts were extended past the recorded steps so far."""
+        return len(self.extended)
 
     @classmethod
     def from_retention(cls, records: Iterable[RetentionRecord]) -> "MatchedBudget":
-        """Build from a retention log (objects with ``step``, ``layer`` and ``kept``). Repeated
-        (step, layer) entries must agree; a conflict raises ValueError."""
+        """Build from a retention log (:class:`RetentionRecord`). Repeated (step, layer) entries must agree; a
+        conflict raises ValueError. Each layer's share at its last step comes from records with ``tokens_seen``."""
         counts: dict[tuple[int, int], int] = {}
+        shares: dict[int, tuple[int, float]] = {}
         for record in records:
             key = (record.step, record.layer)
             if key in counts and counts[key] != record.kept:
@@ -129,10 +166,15 @@ class MatchedBudget:
                     f"{counts[key]} and {record.kept}"
                 )
             counts[key] = record.kept
-        return cls(counts)
+            if record.tokens_seen is not None and record.step >= shares.get(record.layer, (-1, 0.0))[0]:
+                shares[record.layer] = (record.step, record.kept / record.tokens_seen)
+        return cls(counts, {layer: share for layer, (_, share) in shares.items()})
 
     def tokens(self, view: LayerView) -> int:
         key = (view.step, view.layer)
-        if key not in self.counts:
+        if key in self.counts:
+            return _clamp(self.counts[key], view)
+        if view.step <= self._last_step.get(view.layer, -1) or view.layer not in self.last_shares:
             raise ValueError(f"MatchedBudget has no recorded count for step {view.step}, layer {view.layer}")
-        return _clamp(self.counts[key], view)
+        self.extended.add(key)
+        return _clamp(_share(self.last_shares[view.layer], _seen(view)), view)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from namm_transfer.namm.interface import NUMERICS
+
 
 @dataclass(frozen=True)
 class NammConfig:
@@ -29,8 +31,10 @@ class NammConfig:
             paper; useful for chat templates on small models, field-notes §7).
         cache_cap: if set, at most this many tokens per layer survive a step: the top ``cache_cap`` by
             score are taken first and then thresholded (§4).
-        attention_dtype: dtype in which per-query-head attention is rounded and GQA-averaged before the
-            features ("bfloat16" as in the official half_attn setting, or "float32").
+        attention_dtype: numerics of the attention the features read, one of
+            :data:`~namm_transfer.namm.interface.NUMERICS`: "official" (bf16 logits, probabilities and GQA mean in
+            bf16: the official eager half_attn attention), "bfloat16" (fp32 logits, probabilities and GQA mean in
+            bf16) or "float32".
         update_every: the NAMM period n_up in tokens (§1.3): the policy runs when the absolute token count
             reaches a multiple of it and sees that many new queries. A multiple of ``hop``. The runtime takes
             it from the weights it loads, so a NAMM always runs at the period it was evolved with.
@@ -70,8 +74,8 @@ class NammConfig:
             problems.append("protect_sink and protect_prompt_tail must be >= 0")
         if self.cache_cap is not None and self.cache_cap < 1:
             problems.append(f"cache_cap must be None or >= 1, got {self.cache_cap}")
-        if self.attention_dtype not in ("bfloat16", "float32"):
-            problems.append(f"attention_dtype must be 'bfloat16' or 'float32', got {self.attention_dtype!r}")
+        if self.attention_dtype not in NUMERICS:
+            problems.append(f"attention_dtype must be one of {', '.join(NUMERICS)}, got {self.attention_dtype!r}")
         if self.update_every < self.hop or self.update_every % self.hop:
             problems.append(f"update_every must be a positive multiple of hop={self.hop}, got {self.update_every}")
         if problems:

@@ -19,32 +19,6 @@ import torch
 from namm_transfer.namm.config import NammConfig
 
 
-def gqa_mean(attention: torch.Tensor, num_kv_heads: int, dtype: torch.dtype | str) -> torch.Tensor:
-    """Average query-head attention per KV head, in ``dtype`` (namm-spec §1.2, §7).
-
-    Query heads ``g*k .. g*k+g-1`` (g = Hq // num_kv_heads) belong to KV head k (HF ``repeat_kv`` layout).
-    The input is rounded to ``dtype`` first and the mean is taken in that dtype, as the official code does
-    with bf16 attention; the kept set is bit-sensitive to this (pitfall 8).
-
-    Args:
-        attention: (B, Hq, Q, N) post-softmax attention per query head.
-        num_kv_heads: Hkv; must divide Hq.
-        dtype: torch dtype or its name ("bfloat16", "float32").
-
-    Returns:
-        (B, Hkv, Q, N) in ``dtype``.
-    """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if attention.dim() != 4:
-        raise ValueError(f"attention must be (B, Hq, Q, N), got shape {tuple(attention.shape)}")
-    batch, query_heads, queries, slots = attention.shape
-    if num_kv_heads < 1 or query_heads % num_kv_heads:
-        raise ValueError(f"num_kv_heads {num_kv_heads} does not divide the {query_heads} query heads")
-    grouped = attention.to(dtype).view(batch, num_kv_heads, query_heads // num_kv_heads, queries, slots)
-    return grouped.mean(dim=2)
-
-
 def spectrogram(series: torch.Tensor, config: NammConfig) -> torch.Tensor:
     """STFT magnitudes of attention time series (namm-spec §2.2).
 
@@ -83,20 +57,26 @@ class SpectralState:
     """Per-token state a NAMM carries across steps for one layer (namm-spec §2.1, §2.3, pitfall 6).
 
     Attributes:
-        ema: (B, H, N, S) fp32 EMA of the spectrogram frames, E_j.
-        tail: (B, H, N, T) fp32 attention of the last T = n_fft - hop samples of each token's series; it is
+        ema: (B, H, N, S) EMA of the spectrogram frames, E_j (fp32 when computed, possibly narrower when carried).
+        tail: (B, H, N, T) attention of the last T = n_fft - hop samples of each token's series; it is
             prepended to the token's series at the next step.
     """
 
     ema: torch.Tensor
     tail: torch.Tensor
 
-    def gather(self, indices: torch.Tensor) -> "SpectralState":
-        """Keep the slots ``indices`` ((B, H, K) int64, ascending) of every (row, head)."""
+    def gather(self, indices: torch.Tensor, ema_dtype: torch.dtype, tail_dtype: torch.dtype) -> "SpectralState":
+        """Keep the slots ``indices`` ((B, H, K) int64, ascending) of every (row, head), stored in the given dtypes
+        (the state a NAMM carries between steps; :func:`spectral_ema_step` reads it in fp32)."""
         return SpectralState(
-            ema=self.ema.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, self.ema.shape[-1])),
-            tail=self.tail.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, self.tail.shape[-1])),
+            ema=self.ema.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, self.ema.shape[-1])).to(ema_dtype),
+            tail=self.tail.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, self.tail.shape[-1])).to(tail_dtype),
         )
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held by the two tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.ema, self.tail))
 
 
 def spectral_ema_step(
@@ -304,10 +284,13 @@ def token_features(
         positions: (B, H, N) int64 absolute positions, ascending along N; the last slot is the newest
             token (recency 0).
 
+    Ages beyond ``config.max_recency`` (protected sink tokens reach them in long sequences) are clamped to it, the
+    last row of the official embedding table (namm-spec.md pitfall 11).
+
     Returns:
         (B, H, N, recency_dim + S) fp32 (25 by default).
     """
     if positions.shape != state.ema.shape[:-1]:
         raise ValueError(f"positions {tuple(positions.shape)} do not match the state {tuple(state.ema.shape)}")
-    recency = positions[..., -1:] - positions
+    recency = (positions[..., -1:] - positions).long().clamp(max=config.max_recency)
     return torch.cat([recency_embedding(recency, config), stats.normalise(state.ema)], dim=-1)

@@ -88,6 +88,40 @@ class KeepDecision:
         return self.indices.shape[-1]
 
 
+NUMERICS = ("official", "bfloat16", "float32")
+"""Names of the numerics of :meth:`LayerView.attention` (namm-spec.md §1.2, §7): "official" (bf16 logits as in the
+official eager attention, fp32 softmax, probabilities and query-head mean in bf16), "bfloat16" (fp32 logits and
+softmax, probabilities and mean in bf16), "float32" (no rounding)."""
+
+
+@dataclass(frozen=True)
+class StepRequirements:
+    """What a policy needs from the runtime, declared once by the policy and read by the cache.
+
+    Attributes:
+        update_every: the period in tokens the policy was built for (a NAMM's evolved period, namm-spec.md §1.3), or
+            None to run at the cache's period.
+        reads_attention: whether the policy calls :meth:`LayerView.attention`; when False the runtime buffers no
+            queries for it.
+        attention_numerics: numerics of :meth:`LayerView.attention` (one of :data:`NUMERICS`), or None for the
+            cache's.
+    """
+
+    update_every: int | None = None
+    reads_attention: bool = True
+    attention_numerics: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.update_every is not None and self.update_every < 1:
+            problems.append(f"update_every must be None or >= 1, got {self.update_every}")
+        if self.attention_numerics is not None and self.attention_numerics not in NUMERICS:
+            problems.append(f"attention_numerics must be None or one of {', '.join(NUMERICS)}, "
+                            f"got {self.attention_numerics!r}")
+        if problems:
+            raise ValueError("invalid StepRequirements: " + "; ".join(problems))
+
+
 @runtime_checkable
 class EvictionPolicy(Protocol):
     """What the runtime calls. Implemented by :class:`~namm_transfer.namm.policy.NammPolicy` and every
@@ -96,6 +130,10 @@ class EvictionPolicy(Protocol):
     ``begin`` starts a new batch of sequences and drops all per-sequence state. ``step`` is called once per
     managed layer every ``update_every`` tokens and returns what that layer keeps; the policy gathers its own
     per-token state with the same indices before returning.
+
+    Optional members the runtime reads when present: ``requirements`` (a :class:`StepRequirements`; absent means
+    the defaults: the cache's period and numerics, attention read) and ``state_bytes()`` (exact bytes of the
+    per-sequence state the policy holds now, counted in the cache's ``policy_bytes``; absent means none).
     """
 
     name: str

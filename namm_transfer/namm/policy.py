@@ -9,6 +9,9 @@ threshold rule with count alignment; its per-token state is then gathered with t
 In statistics mode (generation 0 of evolution, §5.6) the policy keeps every slot and feeds the
 unnormalised spectrogram EMA of all valid slots to a :class:`StatsAccumulator` instead of scoring.
 
+Carried state is stored narrow: the attention tail in the dtype of the attention numerics (bf16 values are
+exact in bf16) and the EMA in :data:`EMA_STATE_DTYPE`; both are read back in fp32.
+
 Shapes: B = batch rows, H = KV heads, N = cached slots, P = population members.
 """
 
@@ -24,9 +27,13 @@ from namm_transfer.namm.features import (
     spectral_ema_step,
     token_features,
 )
-from namm_transfer.namm.interface import KeepDecision, LayerView
+from namm_transfer.namm.interface import KeepDecision, LayerView, StepRequirements
 from namm_transfer.namm.scorer import bam_scores
 from namm_transfer.namm.selection import protected_slots, select_tokens
+
+
+EMA_STATE_DTYPE = torch.bfloat16
+"""dtype of the spectrogram EMA carried between steps."""
 
 
 class NammPolicy:
@@ -77,6 +84,10 @@ class NammPolicy:
         self.params = params
         self.stats = stats
         self.accumulator = accumulator
+        self.requirements = StepRequirements(
+            update_every=config.update_every, reads_attention=True, attention_numerics=config.attention_dtype
+        )
+        self._tail_dtype = torch.float32 if config.attention_dtype == "float32" else torch.bfloat16
         self._member: torch.Tensor | None = None
         self._states: list[SpectralState | None] | None = None
         self._batch_size = 0
@@ -101,6 +112,10 @@ class NammPolicy:
         if self._states is None:
             raise ValueError("NammPolicy.layer_state called before begin()")
         return self._states[layer]
+
+    def state_bytes(self) -> int:
+        """Exact bytes of the per-token state carried for every layer now."""
+        return sum(state.nbytes for state in self._states or () if state is not None)
 
     def begin(self, batch_size: int, num_layers: int) -> None:
         """Start a new batch of sequences: drop every layer's state."""
@@ -134,8 +149,8 @@ class NammPolicy:
 
         if self.accumulator is not None:
             self.accumulator.update(state.ema, view.valid)
-            self._states[view.layer] = state
             indices = torch.arange(slots, device=attention.device).expand(batch, heads, slots)
+            self._states[view.layer] = state.gather(indices, EMA_STATE_DTYPE, self._tail_dtype)
             return KeepDecision(indices=indices)
 
         member = self._member
@@ -153,5 +168,5 @@ class NammPolicy:
             self.config.protect_prompt_tail,
         )
         decision = select_tokens(scores, view.valid, self.config.threshold, protected, self.config.cache_cap)
-        self._states[view.layer] = state.gather(decision.indices)
+        self._states[view.layer] = state.gather(decision.indices, EMA_STATE_DTYPE, self._tail_dtype)
         return decision

@@ -1,34 +1,36 @@
 """An evicting KV cache for transformers models (ARCHITECTURE.md, "The data flow of one NAMM step").
 
-:class:`EvictingCache` is a transformers ``Cache`` whose layers (:class:`EvictingLayer`) hold, per layer:
+:class:`EvictingCache` is a transformers ``Cache`` whose layers (:class:`~namm_transfer.runtime.layer.EvictingLayer`,
+the one home of a layer's eviction state) hold physical K/V, per-slot validity and arrival indices, and the recent
+queries a policy step reads.
 
-* physical keys/values (B, H, N, D), N differing between layers once a policy has evicted tokens;
-* ``valid`` (B, H, N) bool: False for left-padding slots, which are never attended;
-* ``token_index`` (B, H, N) int64: the absolute arrival index of every slot, counted by the cache itself (0 = the
-  first token fed, evicted tokens and padding included). It does not depend on the model's position ids, so it also
-  works for models whose position ids are all zero (the Decision Transformer's GPT-2);
-* the post-RoPE queries that arrived since the layer's last policy step (appended by
-  :func:`~namm_transfer.runtime.attention.evicting_attention`).
+Policy schedule (namm-spec.md §1.3). A layer's policy step is due when ``update_every`` tokens have arrived since its
+last one; the period and the attention numerics are declared by the policy (``policy.requirements``, a
+:class:`~namm_transfer.namm.interface.StepRequirements`); a :class:`CacheConfig` value overrides them (e.g. one
+schedule for every method of a comparison), and defaults fill in what neither sets. A chunk never carries a layer past a period boundary unstepped: the cache appends the tokens up
+to the boundary and holds the rest back; the attention (:func:`~namm_transfer.runtime.attention.namm_attention_forward`)
+attends that segment, runs the step and admits the next segment. So steps happen at absolute token counts
+``update_every``, ``2 * update_every``, ... with exactly ``update_every`` new queries each, whether the prompt comes
+in the runner's chunks or in ``model.generate``'s one-shot prefill. A step due at the end of a chunk runs lazily at
+the next forward (before any layer appends) or on :meth:`EvictingCache.flush`: a layer's cache is read only by that
+layer, so this equals stepping right after the forward.
 
-Policy schedule (namm-spec.md §1.3). When ``update_every`` new tokens have reached a managed layer, its policy step
-runs lazily at the start of that layer's next ``update`` (before the new K/V are appended) or on :meth:`flush`. A
-layer's cache is read only by that layer, so this equals stepping right after the forward, and
-``model.generate(..., cache=EvictingCache(...))`` works without a runner. A chunk bringing more than
-``update_every`` tokens (generate's one-shot prefill) gives one step over all of them (``n_new > update_every``; the
-NAMM needs ``n_new`` to be a multiple of its STFT hop). The runner's chunked prefill
-(:class:`~namm_transfer.runtime.runner.EvictingRunner`, or ``generate(prefill_chunk_size=update_every)``) cuts chunks
-at multiples of ``update_every`` and so reproduces the paper's schedule exactly: steps at absolute token counts
-``update_every``, ``2 * update_every``, ... with ``update_every`` new queries each.
+Padding: left padding declared by :meth:`EvictingCache.begin` (the runner) or given to the model as a 2-D
+``attention_mask`` (``generate``) marks slots invalid: never attended, seen by a policy as ``LayerView.valid ==
+False``. The prompt length a policy may protect (``LayerView.prompt_length``) is declared by :meth:`begin` or taken
+from the first forward of a sequence (``generate`` feeds the whole prompt first).
 
 At a step the cache shows the layer to the policy as a :class:`~namm_transfer.namm.interface.LayerView`, gathers the
-kept slots of the returned :class:`~namm_transfer.namm.interface.KeepDecision` (keys, values, validity, arrival
-indices; the arrival index of a kept slot never changes; slots the decision marks not ``visible`` become invalid,
-i.e. masked like padding) and logs a
-:class:`~namm_transfer.namm.budget.RetentionRecord`.
+kept slots of the returned :class:`~namm_transfer.namm.interface.KeepDecision` (slots it marks not ``visible`` become
+invalid) and logs a :class:`~namm_transfer.namm.budget.RetentionRecord`.
 
-Layers outside ``managed_layers`` (e.g. Gemma3's sliding-window layers) are never stepped; once their attention has
-told the cache their window, they hold only the last ``window - 1`` tokens before a new chunk, like transformers'
-``DynamicSlidingWindowLayer`` (the mask hides older ones anyway).
+Layers with a sliding window that no policy steps (Gemma3's and Qwen2's sliding layers, every Mistral layer with a
+window, and every layer of a full cache) hold only the last ``window - 1`` tokens before a new chunk, like
+transformers' ``DynamicSlidingWindowLayer`` (the mask hides older ones anyway).
+
+Memory (:meth:`EvictingCache.kv_bytes`, :meth:`EvictingCache.policy_bytes` and their peaks): ``kv_bytes`` counts the
+physical keys and values; ``policy_bytes`` every byte the method adds to them: per-slot validity and arrival indices,
+buffered queries, tokens held back at a boundary, and the policy's own per-token state (``policy.state_bytes()``).
 """
 
 from __future__ import annotations
@@ -36,167 +38,51 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from namm_transfer.namm.budget import RetentionRecord
-from namm_transfer.namm.interface import EvictionPolicy, KeepDecision, LayerView
-from namm_transfer.runtime.attention import recent_attention, set_active_layer
+from namm_transfer.namm.interface import NUMERICS, EvictionPolicy, KeepDecision, LayerView, StepRequirements
+from namm_transfer.runtime.attention_rows import attention_rows
+from namm_transfer.runtime.layer import ATTENTION_NAME, EvictingLayer, model_padding, set_active_layer
 
-_ATTENTION_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_UPDATE_EVERY = 512
+DEFAULT_NUMERICS = "bfloat16"
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Settings of an :class:`EvictingCache`.
+    """Settings of an :class:`EvictingCache`; None leaves a setting to the policy's declaration.
 
     Attributes:
-        update_every: new tokens per policy step (namm-spec.md §1.3: 512).
-        attention_dtype: dtype in which the recent queries' per-query-head attention is rounded and GQA-averaged
-            before the policy sees it ("bfloat16", the official half_attn numerics of namm-spec.md §7, or
-            "float32").
-        attention_chunk: recent queries per matmul block when the attention is recomputed at a step; bounds the
-            step's memory to (B, Hq, attention_chunk, N) fp32 logits.
+        update_every: new tokens per policy step (namm-spec.md §1.3: 512), overriding the policy's declared period;
+            None: the policy's, or 512.
+        attention_dtype: numerics of the attention rows a step reads, one of
+            :data:`~namm_transfer.namm.interface.NUMERICS` ("official": bf16 logits as in the official eager
+            attention; "bfloat16": fp32 logits, probabilities and GQA mean in bf16; "float32"), overriding the
+            policy's declared numerics; None: the policy's, or "bfloat16".
+        attention_chunk: recent queries per matmul block when the attention rows are recomputed on the torch path;
+            bounds the step's memory to (B, Hq, attention_chunk, N) fp32 logits.
     """
 
-    update_every: int = 512
-    attention_dtype: str = "bfloat16"
+    update_every: int | None = None
+    attention_dtype: str | None = None
     attention_chunk: int = 128
 
     def __post_init__(self) -> None:
         problems = []
-        if self.update_every < 1:
-            problems.append(f"update_every must be >= 1, got {self.update_every}")
-        if self.attention_dtype not in _ATTENTION_DTYPES:
-            problems.append(f"attention_dtype must be 'bfloat16' or 'float32', got {self.attention_dtype!r}")
+        if self.update_every is not None and self.update_every < 1:
+            problems.append(f"update_every must be None or >= 1, got {self.update_every}")
+        if self.attention_dtype is not None and self.attention_dtype not in NUMERICS:
+            problems.append(f"attention_dtype must be None or one of {', '.join(NUMERICS)}, got {self.attention_dtype!r}")
         if self.attention_chunk < 1:
             problems.append(f"attention_chunk must be >= 1, got {self.attention_chunk}")
         if problems:
             raise ValueError("invalid CacheConfig: " + "; ".join(problems))
 
-    @property
-    def torch_attention_dtype(self) -> torch.dtype:
-        return _ATTENTION_DTYPES[self.attention_dtype]
 
-
-class EvictingLayer(CacheLayerMixin):
-    """One layer of an :class:`EvictingCache`: physical K/V plus per-slot validity and arrival index.
-
-    Attributes:
-        layer_idx: index of the layer in the model.
-        managed: whether a policy may evict from this layer.
-        collect_queries: whether the attention appends its queries to ``queries`` (managed layers with a policy).
-        keys, values: (B, H, N, D) physical K/V.
-        valid: (B, H, N) bool, False for padding slots.
-        token_index: (B, H, N) int64 absolute arrival index of each slot, ascending along N.
-        has_invalid: whether an invalid slot (input padding, or a slot a policy kept invisible) may be held; False
-            allows the attention's fast path.
-        tokens_seen: tokens this layer has been fed (evicted ones and padding included).
-        pending: tokens appended since the last policy step (counted only when ``collect_queries``).
-        steps: policy steps this layer has had.
-        queries: (B, Hq, pending, D) post-RoPE queries since the last step, or None.
-        scaling, sliding_window: told by the attention at each call; used to recompute the attention at a step.
-    """
-
-    is_sliding = False  # a window is applied by the attention mask, not by transformers' sliding-layer logic
-
-    def __init__(self, layer_idx: int, managed: bool, collect_queries: bool):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.managed = managed
-        self.collect_queries = collect_queries
-        self._clear()
-
-    def _clear(self) -> None:
-        self.keys = self.values = self.valid = self.token_index = self.queries = None
-        self.is_initialized = self.has_invalid = False
-        self.tokens_seen = self.pending = self.steps = 0
-        self.scaling: float | None = None
-        self.sliding_window: int | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, _ = key_states.shape
-        self.device = key_states.device
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
-        self.valid = torch.ones(batch, heads, 0, dtype=torch.bool, device=self.device)
-        self.token_index = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, valid: torch.Tensor | None = None, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append n new tokens. key_states (B, H, n, D), value_states (B, H, n, Dv), valid (B, n) bool, or None
-        when all are valid (a tensor marks the layer ``has_invalid``). Returns the layer's physical (keys, values)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        batch, heads, n_new, _ = key_states.shape
-        if valid is None:
-            valid = torch.ones(batch, n_new, dtype=torch.bool, device=self.device)
-        else:
-            self.has_invalid = True
-        arrival = torch.arange(self.tokens_seen, self.tokens_seen + n_new, device=self.device)
-        self.keys = torch.cat([self.keys, key_states], dim=2)
-        self.values = torch.cat([self.values, value_states], dim=2)
-        self.valid = torch.cat([self.valid, valid[:, None, :].expand(batch, heads, n_new)], dim=2)
-        self.token_index = torch.cat([self.token_index, arrival.expand(batch, heads, n_new)], dim=2)
-        self.tokens_seen += n_new
-        if self.collect_queries:
-            self.pending += n_new
-        return self.keys, self.values
-
-    def record_queries(self, query: torch.Tensor) -> None:
-        """Append a chunk's post-RoPE queries (B, Hq, q, D) to the recent-query buffer."""
-        self.queries = query if self.queries is None else torch.cat([self.queries, query], dim=2)
-
-    def keep(self, indices: torch.Tensor, visible: torch.Tensor | None = None) -> None:
-        """Keep the slots ``indices`` (B, H, K) of every (row, KV head), masking those where ``visible`` (B, H, K)
-        is False; starts a new step period."""
-        self.keys = self.keys.gather(2, indices[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, indices[..., None].expand(-1, -1, -1, self.values.shape[-1]))
-        self.valid = self.valid.gather(2, indices)
-        if visible is not None:
-            self.valid &= visible
-            self.has_invalid = True
-        self.token_index = self.token_index.gather(2, indices)
-        self.queries = None
-        self.pending = 0
-        self.steps += 1
-
-    def trim_to_window(self) -> None:
-        """Drop the slots no future query of a sliding-window layer can see (keeps the last window - 1)."""
-        first = self.num_slots - (self.sliding_window - 1)
-        if first > 0:
-            self.keys = self.keys[:, :, first:]
-            self.values = self.values[:, :, first:]
-            self.valid = self.valid[:, :, first:]
-            self.token_index = self.token_index[:, :, first:]
-
-    @property
-    def num_slots(self) -> int:
-        """N, the physical slots held now."""
-        return 0 if not self.is_initialized else self.keys.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes of the physical keys and values held now."""
-        if not self.is_initialized:
-            return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-
-    def get_seq_length(self) -> int:
-        """Tokens seen (absolute count), so that models and ``generate`` derive absolute positions."""
-        return self.tokens_seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset) of the absolute sequence: the model's own mask covers every token seen. The
-        ``namm_evicting`` attention ignores that mask and builds the layer's mask from ``valid``/``token_index``."""
-        return self.tokens_seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._clear()
+def _settle(configured, declared, default):
+    """The configured value (an explicit override), else the policy's declared one, else the default."""
+    return configured if configured is not None else declared if declared is not None else default
 
 
 class EvictingCache(Cache):
@@ -206,9 +92,11 @@ class EvictingCache(Cache):
         policy: the eviction policy, or None for a full cache (same code path, no steps, no query buffer).
         num_layers: number of attention layers of the model.
         managed_layers: layers the policy manages (None: all).
-        config: schedule and numerics, see :class:`CacheConfig`.
+        config: what the policy leaves open of the schedule and numerics, see :class:`CacheConfig`.
 
     Attributes:
+        update_every: the policy period in tokens (the config's override, else the policy's declaration, else 512).
+        numerics: numerics of the attention rows a step reads (likewise settled).
         retention: one :class:`RetentionRecord` per (step, managed layer), in the order the steps ran.
     """
 
@@ -227,26 +115,38 @@ class EvictingCache(Cache):
         self.policy = policy
         self.config = config if config is not None else CacheConfig()
         self.managed_layers = managed
-        layers = [EvictingLayer(i, i in managed, policy is not None and i in managed) for i in range(num_layers)]
+        needs = getattr(policy, "requirements", StepRequirements())
+        self.update_every = _settle(self.config.update_every, needs.update_every, DEFAULT_UPDATE_EVERY)
+        self.numerics = _settle(self.config.attention_dtype, needs.attention_numerics, DEFAULT_NUMERICS)
+        stepped = set() if policy is None else managed
+        layers = [
+            EvictingLayer(i, self.update_every if i in stepped else None, i in stepped and needs.reads_attention,
+                          self._step)
+            for i in range(num_layers)
+        ]
         super().__init__(layers=layers)
         self._padding: torch.Tensor | None = None
-        self._prompt_length: int | None = None
+        self._declared_prompt_length: torch.Tensor | None = None
         self._clear_sequence()
 
     def _clear_sequence(self) -> None:
         self.retention: list[RetentionRecord] = []
-        self._peak_bytes = 0
+        self._peaks = {"kv": 0, "policy": 0, "total": 0}
         self._batch_size: int | None = None
+        self._prompt_length: torch.Tensor | None = None  # (B,) int64, set by the first forward
 
-    def begin(self, attention_mask: torch.Tensor | None = None, prompt_length: int | None = None) -> None:
+    def begin(
+        self, attention_mask: torch.Tensor | None = None, prompt_length: int | torch.Tensor | None = None
+    ) -> None:
         """Start a new batch of sequences: empty every layer, forget the log, declare left padding.
 
         Args:
             attention_mask: (B, L) 2-D mask of the prompt (1 = token, 0 = padding), left padding only; its padding
                 slots are marked invalid: never attended, and a policy sees them as ``LayerView.valid == False``.
-                None: no padding.
-            prompt_length: arrival index one past the last prompt token (the same for every row under left
-                padding); passed to the policy as ``LayerView.prompt_length``. Defaults to L when a mask is given.
+                None: no padding declared (a 2-D mask the model receives, as under ``generate``, is read anyway).
+            prompt_length: arrival index one past the last prompt token, one int for every row or a (B,) int64
+                tensor; passed to the policy as ``LayerView.prompt_length``. Defaults to L when a mask is given,
+                else to the number of tokens of the sequence's first forward.
         """
         if attention_mask is not None:
             mask = attention_mask.bool()
@@ -261,9 +161,11 @@ class EvictingCache(Cache):
             prompt_length = mask.shape[1] if prompt_length is None else prompt_length
         else:
             self._padding = None
-        if prompt_length is not None and prompt_length < 1:
-            raise ValueError(f"prompt_length must be >= 1, got {prompt_length}")
-        self._prompt_length = prompt_length
+        if prompt_length is not None:
+            prompt_length = torch.as_tensor(prompt_length, dtype=torch.long).reshape(-1)
+            if int(prompt_length.min()) < 1:
+                raise ValueError(f"prompt_length must be >= 1, got {prompt_length.tolist()}")
+        self._declared_prompt_length = prompt_length
         self.reset()
 
     def reset(self) -> None:
@@ -274,39 +176,62 @@ class EvictingCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the layer's due policy step, append the chunk, return the layer's physical (keys, values).
+        """Run the policy steps that are due, append the chunk (up to the layer's next period boundary), return the
+        layer's physical (keys, values).
 
         key_states (B, H, n, D), value_states (B, H, n, Dv). Called by the model's attention before attending.
         """
         layer = self.layers[layer_idx]
+        if layer.incoming is not None:
+            raise ValueError(
+                f"layer {layer_idx} got a new chunk before its attention admitted the last one: the model's attention "
+                f"does not run through '{ATTENTION_NAME}' (attach the model's adapter first)"
+            )
         if self._batch_size is None:
-            self._start(key_states.shape[0])
+            self._start(key_states.shape[0], key_states.shape[2])
         elif key_states.shape[0] != self._batch_size:
             raise ValueError(f"batch size changed from {self._batch_size} to {key_states.shape[0]}; call begin()")
-        if self._step_due(layer):
-            self._step(layer)
-        if not layer.managed and layer.sliding_window is not None:
+        if layer.step_due:
+            self.flush()
+        if layer.period is None and layer.sliding_window is not None:
             layer.trim_to_window()
         valid = self._arrival_validity(layer.tokens_seen, key_states.shape[2], key_states.device)
         keys, values = layer.update(key_states, value_states, valid=valid)
-        self._peak_bytes = max(self._peak_bytes, self.kv_bytes())
+        self._track_peaks()
         set_active_layer(layer)
         return keys, values
 
     def flush(self) -> None:
-        """Run every policy step that is due now (instead of at the layers' next update)."""
+        """Run every policy step that is due now (instead of at the next forward)."""
         for layer in self.layers:
-            if self._step_due(layer):
+            if layer.step_due:
                 self._step(layer)
 
     def kv_bytes(self) -> int:
         """Exact bytes of the physical keys and values held now by all layers (managed or not)."""
-        return sum(layer.nbytes for layer in self.layers)
+        return sum(layer.kv_bytes for layer in self.layers)
+
+    def policy_bytes(self) -> int:
+        """Exact bytes the method adds to the K/V now: every layer's validity, arrival indices, buffered queries and
+        held-back tokens, plus the policy's per-sequence state (``policy.state_bytes()``)."""
+        state = getattr(self.policy, "state_bytes", None)
+        return sum(layer.bookkeeping_bytes for layer in self.layers) + (0 if state is None else state())
 
     @property
     def kv_bytes_peak(self) -> int:
-        """Largest :meth:`kv_bytes` measured after any update of the current sequence."""
-        return self._peak_bytes
+        """Largest :meth:`kv_bytes` measured after any update and around any step of the current sequence."""
+        return self._peaks["kv"]
+
+    @property
+    def policy_bytes_peak(self) -> int:
+        """Largest :meth:`policy_bytes` measured after any update and around any step of the current sequence."""
+        return self._peaks["policy"]
+
+    @property
+    def total_bytes_peak(self) -> int:
+        """Largest ``kv_bytes() + policy_bytes()`` measured after any update and around any step of the current
+        sequence."""
+        return self._peaks["total"]
 
     def kept_per_layer(self) -> list[int]:
         """Physical slots N held now by each layer."""
@@ -318,33 +243,45 @@ class EvictingCache(Cache):
         fewer tokens (``KeepDecision.visible``)."""
         return torch.stack([layer.valid.sum(dim=-1).float().mean(dim=-1).cpu() for layer in self.layers], dim=1)
 
-    def _start(self, batch_size: int) -> None:
+    def _track_peaks(self) -> None:
+        kv, policy = self.kv_bytes(), self.policy_bytes()
+        for name, value in (("kv", kv), ("policy", policy), ("total", kv + policy)):
+            self._peaks[name] = max(self._peaks[name], value)
+
+    def _start(self, batch_size: int, first_forward: int) -> None:
         if self._padding is not None and self._padding.shape[0] != batch_size:
             raise ValueError(f"begin() declared {self._padding.shape[0]} rows but the model feeds {batch_size}")
+        declared = self._declared_prompt_length
+        if declared is not None and declared.numel() not in (1, batch_size):
+            raise ValueError(f"begin() declared {declared.numel()} prompt lengths but the model feeds {batch_size} rows")
         self._batch_size = batch_size
+        self._prompt_length = (declared if declared is not None else torch.tensor([first_forward])).expand(batch_size)
         if self.policy is not None:
             self.policy.begin(batch_size, len(self.layers))
 
-    def _step_due(self, layer: EvictingLayer) -> bool:
-        return layer.collect_queries and layer.pending >= self.config.update_every
-
     def _arrival_validity(self, start: int, count: int, device: torch.device) -> torch.Tensor | None:
-        """(B, count) validity of the tokens with arrival indices start .. start + count - 1, None if all valid."""
-        if self._padding is None or start >= self._padding_end:
-            return None
-        part = self._padding[:, start : start + count].to(device)
-        if part.shape[1] < count:
-            part = torch.cat([part, part.new_ones(part.shape[0], count - part.shape[1])], dim=1)
-        return part
+        """(B, count) validity of the tokens with arrival indices start .. start + count - 1 (padding declared by
+        :meth:`begin` and padding in the model's attention mask), None if all are valid."""
+        told = model_padding(start + count)
+        declared = None
+        if self._padding is not None and start < self._padding_end:
+            declared = self._padding[:, start : start + count].to(device)
+            if declared.shape[1] < count:
+                declared = torch.cat([declared, declared.new_ones(declared.shape[0], count - declared.shape[1])], 1)
+        if told is None or declared is None:
+            return declared if told is None else told.to(device)
+        return declared & told.to(device)
 
     def _step(self, layer: EvictingLayer) -> None:
-        """Show ``layer`` to the policy, keep what it decides, log it."""
+        """Show ``layer`` to the policy, keep what it decides, log it. Bytes are measured before (the query buffer is
+        full then) and after."""
+        self._track_peaks()
         n_new = layer.pending
-        if layer.queries is None or layer.queries.shape[2] != n_new:
+        if layer.collect_queries and (layer.queries is None or layer.queries.shape[2] != n_new):
             buffered = 0 if layer.queries is None else layer.queries.shape[2]
             raise ValueError(
                 f"layer {layer.layer_idx} buffered {buffered} queries for {n_new} new tokens: its attention does not "
-                f"run through evicting_attention (attach the model's adapter first)"
+                f"run through '{ATTENTION_NAME}' (attach the model's adapter first)"
             )
         num_slots = layer.num_slots
         query_index = torch.arange(layer.tokens_seen - n_new, layer.tokens_seen, device=layer.device)
@@ -352,23 +289,25 @@ class EvictingCache(Cache):
         scaling, window = layer.scaling, layer.sliding_window
 
         def attention_fn() -> torch.Tensor:
-            return recent_attention(
+            if queries is None:
+                raise ValueError("the policy declared reads_attention=False but called LayerView.attention()")
+            return attention_rows(
                 queries, keys, token_index, valid, query_index, valid[:, :, num_slots - n_new :], scaling,
-                self.config.torch_attention_dtype, self.config.attention_chunk, window,
+                self.numerics, self.config.attention_chunk, window,
             )
 
-        prompt_length = None
-        if self._prompt_length is not None:
-            prompt_length = torch.full((self._batch_size,), self._prompt_length, dtype=torch.long, device=layer.device)
+        prompt_length = self._prompt_length.to(layer.device)
         view = LayerView(
             layer=layer.layer_idx, step=layer.steps, token_index=token_index, valid=valid, n_new=n_new, keys=keys,
             attention_fn=attention_fn, prompt_length=prompt_length,
         )
         decision = self.policy.step(view)
         _check_decision(decision, token_index.shape, layer.layer_idx)
-        self.retention.append(RetentionRecord(layer.steps, layer.layer_idx, num_slots, decision.kept))
+        record = RetentionRecord(layer.steps, layer.layer_idx, num_slots, decision.kept, layer.tokens_seen)
+        self.retention.append(record)
         visible = None if decision.visible is None else decision.visible.to(layer.device)
         layer.keep(decision.indices.to(layer.device), visible)
+        self._track_peaks()
 
     def _refuse(self, operation: str):
         raise ValueError(f"EvictingCache does not support {operation} (greedy decoding of whole batches only)")

@@ -4,9 +4,16 @@ step"; namm-spec.md §1.3).
 The prompt is fed in chunks of ``chunk_size`` tokens that are also cut at every multiple of ``update_every``, so the
 policy steps at absolute token counts ``update_every``, ``2 * update_every``, ... with exactly ``update_every`` new
 queries each, as in the official implementation (its 128-token chunks and 512-token period). Decoding is greedy, one
-token per forward, and keeps the same schedule. Positions are explicit and absolute (attention-mask cumsum - 1 under
-left padding), so kept tokens keep their RoPE positions after eviction. ``policy=None`` runs the same code with a
-full cache, so timings and memory compare like with like.
+token per forward, and keeps the same schedule. Positions are explicit and absolute, so kept tokens keep their RoPE
+positions after eviction. ``policy=None`` runs the same code with a full cache, so timings and memory compare like
+with like.
+
+Rows of different lengths are never padded (a row's eviction must not depend on its batch: padding would count as
+arrivals for the period and the budgets). The left padding of the input is dropped and every row starts at arrival
+0; once the shortest prompt is consumed, each forward feeds every row its next token, a prompt token for a row still
+reading its prompt and its own greedy token for a row that is generating. So every row sees exactly the schedule,
+positions and arrival counts it would see alone, and only the forwards between the shortest and the longest prompt
+go one token at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ class RunnerConfig:
     Attributes:
         chunk_size: prefill chunk length (namm-spec.md §1.3: 128).
         max_new_tokens: default number of tokens to generate.
-        cache: the evicting cache's settings; its ``update_every`` is the policy period the chunks align to.
+        cache: the evicting cache's settings (what the policy leaves open of the period and numerics).
     """
 
     chunk_size: int = 128
@@ -47,10 +54,6 @@ class RunnerConfig:
         if problems:
             raise ValueError("invalid RunnerConfig: " + "; ".join(problems))
 
-    @property
-    def update_every(self) -> int:
-        return self.cache.update_every
-
 
 @dataclass
 class GenerationResult:
@@ -62,6 +65,11 @@ class GenerationResult:
         retention: the cache's retention log (one record per step and managed layer).
         kv_bytes_peak: largest physical K/V bytes held at any time.
         kv_bytes_final: physical K/V bytes held at the end.
+        policy_bytes_peak: largest bytes the method added to the K/V at any time (validity, arrival indices,
+            buffered queries, the policy's per-token state; :meth:`EvictingCache.policy_bytes`).
+        policy_bytes_final: those bytes at the end.
+        total_bytes_peak: largest K/V + policy bytes at any time (not the sum of the two peaks).
+        total_bytes_final: ``kv_bytes_final + policy_bytes_final``.
         kept_per_layer: physical slots per layer at the end.
         visible_per_layer: (B, num_layers) slots each row can attend to at the end (see
             :meth:`EvictingCache.visible_per_layer`).
@@ -75,6 +83,10 @@ class GenerationResult:
     retention: list[RetentionRecord]
     kv_bytes_peak: int
     kv_bytes_final: int
+    policy_bytes_peak: int
+    policy_bytes_final: int
+    total_bytes_peak: int
+    total_bytes_final: int
     kept_per_layer: list[int]
     visible_per_layer: torch.Tensor
     tokens_seen: int
@@ -132,10 +144,11 @@ class EvictingRunner:
         *,
         inputs_embeds: torch.Tensor | None = None,
     ) -> GenerationResult:
-        """Chunked prefill of the prompt, then greedy decoding.
+        """Chunked prefill of the prompts (up to the shortest), then greedy decoding, every row on its own schedule.
 
         Args:
-            input_ids: (B, L) int64 prompt, left-padded if rows differ in length.
+            input_ids: (B, L) int64 prompt, left-padded if rows differ in length (the padding is dropped, see the
+                module docstring).
             attention_mask: (B, L) 1 for tokens, 0 for left padding; None if there is no padding. Right padding
                 raises ValueError.
             max_new_tokens: tokens to generate (default ``config.max_new_tokens``); fewer if every row hit eos.
@@ -151,42 +164,41 @@ class EvictingRunner:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         device = next(self.model.parameters()).device
-        prompt = prompt.to(device)
-        batch, length = prompt.shape[:2]
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (batch, length):
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt {(batch, length)}")
-            attention_mask = attention_mask.to(device)
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            positions = torch.arange(length, device=device).expand(batch, length)
+        prompt, lengths = _left_aligned(prompt.to(device), attention_mask)
+        shortest = int(lengths.min())
         cache = self.new_cache()
-        cache.begin(attention_mask, prompt_length=length)
+        cache.begin(prompt_length=lengths)
         key = "input_ids" if input_ids is not None else "inputs_embeds"
         restore = self.adapter.attach(self.model)
         try:
             _synchronize(device)
             start = time.perf_counter()
-            for a, b in prefill_chunks(0, length, self.config.chunk_size, self.config.update_every):
+            positions = torch.arange(shortest, device=device).expand(prompt.shape[0], shortest)
+            for a, b in prefill_chunks(0, shortest, self.config.chunk_size, cache.update_every):
                 logits = self.adapter.forward_chunk(
                     self.model, cache, position_ids=positions[:, a:b], last_only=True, **{key: prompt[:, a:b]}
                 )[:, -1]
             _synchronize(device)
             prefill_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            tokens, step_logits = self._decode(cache, logits, positions[:, -1] + 1, max_new_tokens, eos_token_id,
+            tokens, step_logits = self._decode(cache, logits, prompt, lengths, max_new_tokens, eos_token_id,
                                                return_logits)
             cache.flush()
             _synchronize(device)
             decode_seconds = time.perf_counter() - start
         finally:
             restore()
+        kv_final, policy_final = cache.kv_bytes(), cache.policy_bytes()
         return GenerationResult(
             new_tokens=tokens,
             logits=step_logits,
             retention=list(cache.retention),
             kv_bytes_peak=cache.kv_bytes_peak,
-            kv_bytes_final=cache.kv_bytes(),
+            kv_bytes_final=kv_final,
+            policy_bytes_peak=cache.policy_bytes_peak,
+            policy_bytes_final=policy_final,
+            total_bytes_peak=cache.total_bytes_peak,
+            total_bytes_final=kv_final + policy_final,
             kept_per_layer=cache.kept_per_layer(),
             visible_per_layer=cache.visible_per_layer(),
             tokens_seen=cache.get_seq_length(),
@@ -198,26 +210,73 @@ class EvictingRunner:
         self,
         cache: EvictingCache,
         logits: torch.Tensor,
-        next_position: torch.Tensor,
+        prompt: torch.Tensor,
+        lengths: torch.Tensor,
         max_new_tokens: int,
         eos_token_id: int | None,
         return_logits: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Greedy loop from the prompt's last logits (B, V); next_position (B,). Returns tokens (B, T) and logits."""
-        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        tokens, kept_logits = [], []
-        for step in range(max_new_tokens):
+        """Greedy loop from the logits (B, V) at the shortest prompt's last token, one token per row and forward.
+
+        ``prompt`` (B, L, ...) holds row b's prompt in its first ``lengths[b]`` columns. At column t a row whose
+        prompt is done picks its next token from the logits of column t - 1 and feeds it; the other rows feed
+        their prompt token t. Returns tokens (B, T) and logits (B, T, V): row b's k-th token was chosen from the
+        logits of column ``lengths[b] - 1 + k``. A finished row (eos) holds eos; rows stop at ``max_new_tokens``.
+        """
+        batch, device = logits.shape[0], logits.device
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        tokens = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
+        kept_logits = torch.zeros(batch, max_new_tokens, logits.shape[-1], device=device) if return_logits else None
+        made = torch.zeros(batch, dtype=torch.long, device=device)
+        embed = prompt.dtype.is_floating_point  # an embeddings prompt: generated tokens are embedded to join it
+        column = int(lengths.min())
+        while True:
+            generating = (lengths <= column) & (made < max_new_tokens)
             token = logits.argmax(dim=-1)
             if eos_token_id is not None:
                 token = token.masked_fill(finished, eos_token_id)
-                finished |= token == eos_token_id
-            tokens.append(token)
+                finished |= generating & (token == eos_token_id)
+            rows = generating.nonzero().flatten()
+            tokens[rows, made[rows]] = token[rows]
             if return_logits:
-                kept_logits.append(logits.float())
-            if step == max_new_tokens - 1 or bool(finished.all()):
+                kept_logits[rows, made[rows]] = logits[rows].float()
+            made += generating.long()
+            if bool(((made >= max_new_tokens) | finished).all()):
                 break
+            if column < prompt.shape[1]:  # some rows still read their prompt: mix prompt and generated inputs
+                own = lengths > column
+                fed = self.model.get_input_embeddings()(token) if embed else token
+                mixed = torch.where(own.view(-1, *([1] * (prompt.dim() - 2))), prompt[:, column], fed)
+                inputs = {"inputs_embeds" if embed else "input_ids": mixed[:, None]}
+            else:
+                inputs = {"input_ids": token[:, None]}
             logits = self.adapter.forward_chunk(
-                self.model, cache, input_ids=token[:, None], position_ids=(next_position + step)[:, None],
-                last_only=True,
+                self.model, cache, position_ids=torch.full((batch, 1), column, device=device), last_only=True,
+                **inputs,
             )[:, -1]
-        return torch.stack(tokens, dim=1), torch.stack(kept_logits, dim=1) if return_logits else None
+            column += 1
+        count = int(made.max())
+        tokens = tokens[:, :count]
+        if eos_token_id is not None:  # rows that all finished early: the rest holds eos
+            tokens = tokens.masked_fill(tokens < 0, eos_token_id)
+        return tokens, kept_logits[:, :count] if return_logits else None
+
+
+def _left_aligned(prompt: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the left padding: (B, L, ...) prompt with row b's ``lengths[b]`` tokens in its first columns (the rest is
+    never fed), and lengths (B,) int64. Right padding raises ValueError."""
+    batch, length = prompt.shape[:2]
+    if attention_mask is None:
+        return prompt, torch.full((batch,), length, dtype=torch.long, device=prompt.device)
+    if tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != prompt {(batch, length)}")
+    mask = attention_mask.to(prompt.device).bool()
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError("attention_mask must be left-padded (zeros only before the first token of a row)")
+    lengths = mask.sum(dim=1)
+    if int(lengths.min()) < 1:
+        raise ValueError("attention_mask has a row with no token")
+    shift = length - lengths  # row b's first token sits at column shift[b]
+    columns = (torch.arange(length, device=prompt.device)[None, :] + shift[:, None]).clamp(max=length - 1)
+    index = columns.view(batch, length, *([1] * (prompt.dim() - 2))).expand_as(prompt)
+    return prompt.gather(1, index), lengths

@@ -3,7 +3,7 @@ data flow of one NAMM step", step 3).
 
 At a policy step the runtime recomputes, for the Q buffered recent queries of a layer, the post-softmax attention
 over the layer's N cached slots, rounds it to bf16 per query head and averages the G = Hq / H query heads of each KV
-head. :func:`namm_transfer.runtime.attention.recent_attention` does this with torch ops in query blocks, which
+head. The torch path of :func:`namm_transfer.runtime.attention_rows.attention_rows` does this in query blocks, which
 materialises (B, Hq, chunk, N) fp32 logits several times over (matmul, mask, softmax, rounding, mean). This kernel
 produces the same (B, H, Q, N) result in one launch and writes it once:
 
@@ -13,10 +13,14 @@ produces the same (B, H, Q, N) result in one launch and writes it once:
 * pass 1 walks the N slots in tiles of ``BLOCK_N`` and keeps an online running max and sum of exp per query row
   (the logsumexp), in fp32;
 * pass 2 recomputes the logits tile by tile, normalises them with that max and sum, rounds each query head's
-  probability to bf16 (``attention_dtype``), sums the G heads in fp32, scales by 1 / G, rounds the mean to
-  ``attention_dtype`` and stores the (BLOCK_Q, BLOCK_N) tile.
+  probability to bf16 (unless the numerics are "float32"), sums the G heads in fp32, scales by 1 / G, rounds the
+  mean likewise and stores the (BLOCK_Q, BLOCK_N) tile.
 
-Visibility is the rule of :func:`~namm_transfer.runtime.attention.visibility_mask`: query ``q`` (arrival index) sees
+Under the "official" numerics (:data:`namm_transfer.namm.interface.NUMERICS`) the operands are bf16 and each
+logit is rounded to bf16 after the product and again after the division by ``sqrt(D)``, as the official eager
+attention computes them in bf16.
+
+Visibility is the rule of :func:`~namm_transfer.runtime.layer.visibility_mask`: query ``q`` (arrival index) sees
 slot ``j`` iff ``valid[j]`` and ``token_index[j] <= q`` (and ``token_index[j] > q - window`` on a sliding-window
 layer); padding queries see nothing. The wrapper folds validity into the indices (an invalid slot gets index
 INT64_MAX, a padding query index -1), so the kernel compares two int64 values per entry. Masked entries are exactly 0.
@@ -46,13 +50,13 @@ ENV_SWITCH = "NAMM_TRANSFER_TRITON"
 """Environment variable: "0" disables the fused kernel (the torch path runs instead)."""
 
 _INT64_MAX = torch.iinfo(torch.int64).max
-_ROUNDINGS = {torch.bfloat16: True, torch.float32: False}
 _OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
 _TARGET_ROWS = 64  # query rows (group heads x queries) per program
 
 triton = None  # the triton modules, bound by _load_triton() on first use
 tl = None
 _KERNELS: dict[bool, object] = {}  # compiled kernel, keyed by "runs in the interpreter"
+_round_bf16 = None  # the jitted _round_bf16_bits, bound by _kernel()
 
 
 def _load_triton() -> bool:
@@ -77,13 +81,20 @@ def available() -> bool:
 
 
 def use_fused(queries: torch.Tensor) -> bool:
-    """Whether :func:`~namm_transfer.runtime.attention.recent_attention` should hand ``queries`` to this kernel:
+    """Whether :func:`~namm_transfer.runtime.attention_rows.attention_rows` should hand ``queries`` to this kernel:
     they live on a CUDA device and :func:`available` is true."""
     return queries.is_cuda and available()
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _round_bf16_bits(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32; on the bits, because the interpreter's cast
+    truncates. Jitted as ``_round_bf16`` together with the kernel."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
 def _recent_attention_kernel(
@@ -96,6 +107,7 @@ def _recent_attention_kernel(
     stride_ob, stride_oh, stride_oq, stride_on,
     GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_FP32: tl.constexpr,
+    LOGITS_BF16: tl.constexpr,
 ):
     """One (query block, batch row, KV head): see the module docstring. Row r of the tile is query head
     ``h * GROUPS + r // BLOCK_Q`` at query ``q0 + r % BLOCK_Q``."""
@@ -139,9 +151,13 @@ def _recent_attention_kernel(
             if HAS_WINDOW:
                 visible = visible & (skey[None, :] > qkey[:, None] - window)
             if DOT_FP32:
-                logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scaling
+                logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
-                logits = tl.dot(q, tl.trans(k)) * scaling
+                logits = tl.dot(q, tl.trans(k))
+            if LOGITS_BF16:  # official eager numerics: bf16(bf16(Q K^T) / sqrt(D))
+                logits = _round_bf16(_round_bf16(logits) / (1.0 / scaling))
+            else:
+                logits = logits * scaling
             logits = tl.where(visible, logits, float("-inf"))
             if phase == 0:
                 new_max = tl.maximum(row_max, tl.max(logits, 1))
@@ -149,21 +165,21 @@ def _recent_attention_kernel(
                 row_max = new_max
             else:
                 probs = tl.where(visible, tl.exp(logits - row_max[:, None]) / row_sum[:, None], 0.0)
-                if ROUND_BF16:  # round to nearest even on the bits (the interpreter's cast truncates)
-                    bits = probs.to(tl.int32, bitcast=True)
-                    probs = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+                if ROUND_BF16:
+                    probs = _round_bf16(probs)
                 mean = tl.sum(tl.reshape(probs, (GROUPS_P2, BLOCK_Q, BLOCK_N)), 0) * (1.0 / GROUPS)
                 if ROUND_BF16:
-                    bits = mean.to(tl.int32, bitcast=True)
-                    mean = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+                    mean = _round_bf16(mean)
                 tl.store(out_base + slots[None, :] * stride_on, mean.to(out_ptr.dtype.element_ty),
                          mask=(out_rows < num_queries)[:, None] & slot_ok[None, :])
 
 
 def _kernel():
-    """The jitted kernel for the current mode (compiled or interpreted), built once per mode."""
+    """The jitted kernel for the current mode (compiled or interpreted), built once per mode with its helper."""
+    global _round_bf16
     interpret = _interpreting()
     if interpret not in _KERNELS:
+        _round_bf16 = triton.jit(_round_bf16_bits)
         _KERNELS[interpret] = triton.jit(_recent_attention_kernel)
     return _KERNELS[interpret]
 
@@ -201,14 +217,14 @@ def fused_recent_attention(
     query_index: torch.Tensor,
     query_valid: torch.Tensor,
     scaling: float,
-    attention_dtype: torch.dtype,
+    numerics: str,
     sliding_window: int | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """GQA-averaged post-softmax attention of the recent queries over all cached slots, in one Triton launch.
 
-    Same arguments and result as :func:`namm_transfer.runtime.attention.recent_attention` (without its ``chunk``:
-    the kernel tiles by itself).
+    Same arguments and result as :func:`namm_transfer.runtime.attention_rows.attention_rows` (without its
+    ``chunk``: the kernel tiles by itself).
 
     Args:
         queries: (B, Hq, Q, D) post-RoPE queries (bf16, fp16 or fp32; same dtype as ``keys``).
@@ -218,29 +234,32 @@ def fused_recent_attention(
         query_index: (Q,) int64 arrival index of each query.
         query_valid: (B, H, Q) bool, False for padding queries (their rows are zero).
         scaling: factor applied to QK^T.
-        attention_dtype: torch.bfloat16 (round per head, bf16 mean) or torch.float32 (no rounding).
+        numerics: "official" (bf16 logits, rounded probabilities, bf16 mean), "bfloat16" (fp32 logits, rounded
+            probabilities, bf16 mean) or "float32" (no rounding).
         sliding_window: window of a sliding-window layer, None for full attention.
         out_dtype: dtype of the result, torch.float32 (the bf16-rounded values held exactly) or torch.bfloat16.
 
     Returns:
         (B, H, Q, N) in ``out_dtype``.
     """
-    if attention_dtype not in _ROUNDINGS:
-        raise ValueError(f"attention_dtype must be torch.bfloat16 or torch.float32, got {attention_dtype}")
+    if numerics not in ("official", "bfloat16", "float32"):
+        raise ValueError(f"numerics must be 'official', 'bfloat16' or 'float32', got {numerics!r}")
     if out_dtype not in _OUTPUT_DTYPES:
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
     _check_inputs(queries, keys, token_index, valid, query_index, query_valid)
     if not _load_triton():
-        raise ValueError("fused_recent_attention needs triton, which is not installed; use recent_attention")
+        raise ValueError("fused_recent_attention needs triton, which is not installed; use attention_rows")
+    if numerics == "official":  # the official model is bf16: its Q and K are bf16
+        queries, keys = queries.bfloat16(), keys.bfloat16()
     batch, num_q_heads, num_queries, head_dim = queries.shape
     num_kv_heads, num_slots = keys.shape[1], keys.shape[2]
     out = torch.empty(batch, num_kv_heads, num_queries, num_slots, dtype=out_dtype, device=keys.device)
     if out.numel() == 0:
         return out
-    slot_key = torch.where(valid, token_index, _INT64_MAX).contiguous()
-    query_key = torch.where(query_valid, query_index.to(keys.device).view(1, 1, -1), -1).contiguous()
+    slot_key = torch.where(valid, token_index.long(), _INT64_MAX).contiguous()
+    query_key = torch.where(query_valid, query_index.to(keys.device, torch.long).view(1, 1, -1), -1).contiguous()
     groups = num_q_heads // num_kv_heads
     groups_p2 = triton.next_power_of_2(groups)
     block_q = max(16, _TARGET_ROWS // groups_p2)
@@ -254,7 +273,8 @@ def fused_recent_attention(
         *queries.stride(), *keys.stride(), *slot_key.stride(), *query_key.stride(), *out.stride(),
         GROUPS=groups, GROUPS_P2=groups_p2, BLOCK_Q=block_q, BLOCK_N=64,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_WINDOW=sliding_window is not None,
-        ROUND_BF16=_ROUNDINGS[attention_dtype], DOT_FP32=interpret or queries.dtype == torch.float32,
+        ROUND_BF16=numerics != "float32", DOT_FP32=interpret or queries.dtype == torch.float32,
+        LOGITS_BF16=numerics == "official",
         **options,
     )
     return out

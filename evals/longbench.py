@@ -1,7 +1,7 @@
 """LongBench (Bai et al., "LongBench: A Bilingual, Multitask Benchmark for Long Context Understanding",
 ACL 2024) from local JSONL files, with the official prompts, answer lengths, metrics and truncation.
 
-The 21 tasks of ``THUDM/LongBench`` (namm-spec.md §6). Each file ``<dir>/<task>.jsonl`` or
+The 21 tasks of ``THUDM/LongBench`` (docs/algorithm.md §6). Each file ``<dir>/<task>.jsonl`` or
 ``<dir>/data/<task>.jsonl`` holds one record per line with ``input``, ``context``, ``answers``,
 ``all_classes``, ``length`` and ``_id`` (the layout of the official ``data.zip``).
 
@@ -92,7 +92,7 @@ MAX_NEW_TOKENS: dict[str, int] = {
                      "passage_retrieval_zh"), 32),
     **dict.fromkeys(("gov_report", "qmsum", "multi_news", "vcsum"), 512),
 }
-"""Task -> max_new_tokens (official dataset2maxlen.json, namm-spec.md §6)."""
+"""Task -> max_new_tokens (official dataset2maxlen.json, docs/algorithm.md §6)."""
 
 TASK_METRIC: dict[str, str] = {
     **dict.fromkeys(("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "triviaqa"),
@@ -114,7 +114,7 @@ _REQUIRED = ("input", "context", "answers", "_id")
 
 
 class LongBenchFileError(FileNotFoundError, ValueError):
-    """A LongBench folder or task file that does not exist."""
+    """A LongBench folder or task file that does not exist or is not UTF-8 text."""
 
 
 def task_file(data_dir: str | Path, task: str) -> Path:
@@ -160,15 +160,22 @@ def _record_item(task: str, record: dict, where: str) -> TextItem:
 def load_task(data_dir: str | Path, task: str, limit: int | None = None) -> list[TextItem]:
     """The items of one task in file order (the first ``limit`` if given); blank lines are skipped.
 
-    Raises LongBenchFileError for a missing folder or file and ValueError naming file and line for a line
-    that is not JSON or lacks a field.
+    Raises LongBenchFileError for a missing folder or file, or a line that is not UTF-8, and ValueError naming
+    file and line for a line that is not JSON or lacks a field.
     """
     path = task_file(data_dir, task)
     items: list[TextItem] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
             if limit is not None and len(items) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise LongBenchFileError(
+                    f"{path}:{line_no}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                    "LongBench files are UTF-8 JSON lines"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -185,7 +192,7 @@ def load_longbench(data_dir: str | Path, tasks: Sequence[str] = TASKS, limit: in
 
 
 def truncate_middle(token_ids: Sequence[int], max_len: int) -> list[int]:
-    """Keep the first and last ``max_len // 2`` ids if there are more than ``max_len`` (namm-spec.md §6).
+    """Keep the first and last ``max_len // 2`` ids if there are more than ``max_len`` (docs/algorithm.md §6).
 
     As in the official pred.py an odd ``max_len`` keeps ``max_len - 1`` ids.
     """

@@ -1,11 +1,12 @@
-"""One folder per evaluation run, text tables and plots (ARCHITECTURE.md, "evals/report.py").
+"""One folder per evaluation run, text tables and plots.
 
-A run folder ``<root>/<name>`` holds (layout as in kvpress's evaluation, field-notes §6):
+A run folder ``<root>/<name>`` holds (the layout of kvpress's evaluation):
 
-* ``config.json``: written by :meth:`RunFolder.start`; a rerun must pass the same config.
+* ``config.json``: the run's identity, fixed by :meth:`RunFolder.start` and written with the first finished
+  item; a rerun must pass the same config (the refusal names every difference).
 * ``predictions.jsonl``: one JSON object per finished item (with an ``item_id``), appended and flushed
-  line by line, so a rerun skips :meth:`RunFolder.done_ids`. A last line cut off by a killed process is
-  ignored with a warning and removed before the next append.
+  line by line (:class:`~namm_transfer.jsonl.JsonlFile`), so a rerun skips :meth:`RunFolder.done_ids`. A last
+  line cut off by a killed process is ignored with a warning naming the file and removed before the next append.
 * ``metrics.json``: written (replaced atomically) by :meth:`RunFolder.write_metrics`, updatable.
 
 Plots use :class:`matplotlib.figure.Figure` with the Agg canvas directly: no pyplot, no global backend.
@@ -15,14 +16,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from namm_transfer.atomic import atomic_write
+from namm_transfer.jsonl import JsonlFile
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
@@ -53,11 +55,37 @@ def run_name(dataset: str, model: str, policy: str, budget: float | str | None =
     return "__".join(_sanitise(p) for p in (dataset, model_part, policy, budget_part))
 
 
+class RunIdentityError(ValueError):
+    """A run folder was started with other settings than the ones now asked for."""
+
+
+def identity_difference(old: Mapping, new: Mapping) -> list[str]:
+    """Human-readable differences between two run identities, one entry per differing key (sorted)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key not in new:
+            changes.append(f"{key} (was {_short(old[key])}, now absent)")
+        elif key not in old:
+            changes.append(f"{key} (was absent, now {_short(new[key])})")
+        elif old[key] != new[key]:
+            changes.append(f"{key} (was {_short(old[key])}, now {_short(new[key])})")
+    return changes
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class RunFolder:
     """The files of one run, resumable item by item.
 
+    The run's identity (its config) is fixed by the first finished item: :meth:`start` checks it against an
+    existing ``config.json`` without writing anything, and the first :meth:`append_prediction` writes it. So a
+    command that fails before its first item leaves nothing behind, and its corrected rerun is not refused.
+
     Args:
-        root: folder holding all runs (created if needed).
+        root: folder holding all runs (created on the first write).
         name: the run's folder name, e.g. from :func:`run_name`; must be a plain name, not a path.
     """
 
@@ -65,93 +93,60 @@ class RunFolder:
         if not name or name != _UNSAFE.sub("-", name) or name in (".", ".."):
             raise ValueError(f"run folder name {name!r} must be non-empty and use only [A-Za-z0-9._-]")
         self.path = Path(root) / name
-        self.path.mkdir(parents=True, exist_ok=True)
         self.config_path = self.path / "config.json"
         self.predictions_path = self.path / "predictions.jsonl"
         self.metrics_path = self.path / "metrics.json"
-        self._repaired = False
+        self._predictions = JsonlFile(self.predictions_path, key="item_id")
+        self._config: dict | None = None
 
     def start(self, config: Mapping) -> None:
-        """Write ``config.json``, or check that an existing one is the same (a resumed run)."""
-        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        """Fix this run's identity to ``config`` (JSON-compatible). An existing ``config.json`` must hold the
+        same, else RunIdentityError names every difference. Writes nothing (see the class docstring)."""
+        normalised = json.loads(json.dumps(config, sort_keys=True, default=str))
         if self.config_path.exists():
-            if json.loads(self.config_path.read_text(encoding="utf-8")) != json.loads(text):
-                raise ValueError(f"{self.config_path} holds a different config; use another run name or delete it")
-            return
-        self.config_path.write_text(text + "\n", encoding="utf-8")
+            try:
+                old = json.loads(self.config_path.read_text(encoding="utf-8"))
+            except ValueError as error:
+                raise RunIdentityError(f"{self.config_path}: not a JSON config ({' '.join(str(error).split())})") from None
+            changes = identity_difference(old, normalised)
+            if changes:
+                raise RunIdentityError(
+                    f"{self.path} was started with other settings: {'; '.join(changes)}; use another output folder"
+                )
+        self._config = normalised
 
     def config(self) -> dict:
+        """The run's identity as written in ``config.json``."""
         return json.loads(self.config_path.read_text(encoding="utf-8"))
 
-    def _read(self) -> tuple[list[dict], int]:
-        """The valid records and the byte offset where the next record must start.
-
-        A bad line followed only by blank space is an interrupted write: it is ignored with a warning and
-        the offset points at its start. A bad line anywhere else raises a ValueError naming the line.
-        """
-        if not self.predictions_path.exists():
-            return [], 0
-        data = self.predictions_path.read_bytes()
-        records: list[dict] = []
-        start = line_no = 0
-        while start < len(data):
-            newline = data.find(b"\n", start)
-            end = len(data) if newline == -1 else newline + 1
-            line_no += 1
-            raw = data[start:end]
-            if raw.strip():
-                try:
-                    record = json.loads(raw)
-                    if not isinstance(record, dict) or "item_id" not in record:
-                        raise ValueError("not an object with an item_id")
-                except ValueError as err:
-                    if data[end:].strip():
-                        where = f"{self.predictions_path}:{line_no}"
-                        raise ValueError(f"{where}: corrupt prediction line ({err})") from None
-                    warnings.warn(f"{self.predictions_path}:{line_no}: ignoring an incomplete last line ({err})")
-                    return records, start
-                records.append(record)
-            start = end
-        return records, len(data)
-
     def predictions(self) -> list[dict]:
-        """Every finished record, in the order written."""
-        return self._read()[0]
+        """Every finished record, in the order written (a cut last line is ignored with a warning)."""
+        return self._predictions.records()
 
     def done_ids(self) -> set[str]:
         """``item_id`` of every finished record."""
         return {str(r["item_id"]) for r in self.predictions()}
 
+    def repair(self) -> None:
+        """Remove a cut last line of ``predictions.jsonl`` (with a warning naming the file); call it while
+        holding the output folder's lock."""
+        self._predictions.repair()
+
     def append_prediction(self, record: Mapping) -> None:
-        """Append one record (must hold ``item_id``) as one JSON line, flushed and fsynced; the first append of
-        this object first removes a partial last line (see :meth:`_read`)."""
+        """Append one record (must hold ``item_id``) as one JSON line, flushed and fsynced. The first append
+        writes ``config.json`` if it is not there yet, and removes a cut last line of the predictions."""
         if "item_id" not in record:
             raise ValueError("a prediction record needs an item_id")
-        line = json.dumps(dict(record), ensure_ascii=False, default=str).encode("utf-8") + b"\n"
-        if not self._repaired:
-            self._repair()
-        with self.predictions_path.open("ab") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def _repair(self) -> None:
-        """Cut a partial last line left by a killed run and end the file with a newline (once per object)."""
-        _, good_end = self._read()
-        with self.predictions_path.open("r+b" if self.predictions_path.exists() else "wb") as handle:
-            handle.truncate(good_end)
-            if good_end:
-                handle.seek(good_end - 1)
-                if handle.read(1) != b"\n":
-                    handle.write(b"\n")
-        self._repaired = True
+        if self._config is not None and not self.config_path.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.config_path, json.dumps(self._config, indent=2, sort_keys=True) + "\n")
+        self._predictions.append(record)
 
     def write_metrics(self, metrics: Mapping, update: bool = False) -> dict:
         """Write ``metrics.json`` (merged into the existing one if ``update``) atomically; returns it."""
         merged = {**(self.metrics() if update else {}), **metrics}
-        tmp = self.metrics_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.metrics_path, json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n")
         return merged
 
     def metrics(self) -> dict:

@@ -2,42 +2,42 @@
 cache, with the shipped NAMM, and with a baseline given the NAMM's own per-layer budget.
 
 Prints each answer, whether it is right, the share of the KV cache kept (overall and per layer), the bytes
-held and the time taken. Runs offline on CPU in about a minute.
+held and the time taken. Runs offline on CPU in about a minute and writes no files.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from namm_transfer.cli import ArgumentParser, run_program
+from namm_transfer.cli import ArgumentParser, FloatRange, run_program
 from namm_transfer.evals.report import format_table
 from namm_transfer.evals.text_tasks import TASKS, make_item, token_counter
-from namm_transfer.methods import MATCHED, SHIPPED_NAMM, Method, build_policy, cache_config_for
+from namm_transfer.methods import MATCHED, Method, build_policy, cache_config_for, load_namm_option
+from namm_transfer.models import add_model_options, load_model, resolve_model
 from namm_transfer.namm.baselines import BASELINES
-from namm_transfer.namm.checkpoint import load_namm
+from namm_transfer.text_eval import PROMPT_TOKENS, SEED, TextGenerator
+
+INTERRUPTED = "interrupted: the demo writes no files, so nothing is lost; run it again to see the answers"
 
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m namm_transfer.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="local HF folder or cached hub id (default: embedded SmolLM2)")
-    p.add_argument("--namm", default=str(SHIPPED_NAMM), help="NAMM weights (default: the shipped ones)")
+    add_model_options(p, dtypes=("bfloat16", "float32"))
+    p.add_argument("--namm", default=None, help="NAMM weights, a folder or either file (default: the shipped NAMM)")
     p.add_argument("--task", default="passkey", choices=TASKS)
-    p.add_argument("--length", type=int, default=1536, help="prompt length in tokens")
-    p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--length", type=PROMPT_TOKENS, default=1536, help=f"prompt length in tokens ({PROMPT_TOKENS})")
+    p.add_argument("--depth", type=FloatRange(0.0, 1.0), default=0.5, help="needle depth in [0, 1]")
+    p.add_argument("--seed", type=SEED, default=0, help=f"held-out item seed ({SEED})")
     p.add_argument("--baseline", default="h2o", choices=sorted(set(BASELINES) - {"full"}))
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--device", default="cpu")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    namm = load_namm(args.namm)
-    from namm_transfer.models import load_model  # heavy import after the arguments are known to be good
-    from namm_transfer.text_eval import TextGenerator
+    namm = load_namm_option(args.namm)
+    resolve_model(args.model)  # every check passes before the model loads
+    loaded = load_model(args.model, dtype=args.dtype, device=str(args.device))
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     item = make_item(args.task, args.seed, args.length, args.depth, token_counter(loaded.tokenizer), "heldout")
     generator = TextGenerator(loaded.model, loaded.tokenizer, cache_config_for(namm.config))
     print(f"model: {loaded.name}   task: {item.task} (held-out), depth {item.depth}, "
@@ -66,4 +66,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_program(main))
+    raise SystemExit(run_program(main, interrupted=INTERRUPTED))

@@ -1,6 +1,6 @@
 """The memory methods a program compares, by name, and how each becomes an eviction policy.
 
-A method is a rule plus, for the hand-made rules, a budget (ARCHITECTURE.md, "Budgets and fair comparisons"):
+A method is a rule plus, for the hand-made rules, a budget (docs/algorithm.md §6):
 
 * ``full``: the full cache (no policy; the same runtime code path, so timings compare like with like);
 * ``namm``: a NAMM from a weights file; it decides its own budget (score >= 0);
@@ -18,15 +18,17 @@ import torch
 
 from namm_transfer.namm.baselines import BASELINES, make_baseline
 from namm_transfer.namm.budget import FixedRatioBudget, MatchedBudget, RetentionRecord
-from namm_transfer.namm.checkpoint import NammWeights
+from namm_transfer.namm.checkpoint import NammWeights, load_namm
 from namm_transfer.namm.config import NammConfig
 from namm_transfer.namm.features import NormalisationStats
 from namm_transfer.namm.interface import EvictionPolicy
 from namm_transfer.namm.policy import NammPolicy
 from namm_transfer.runtime.cache import CacheConfig
+from namm_transfer.shipped import shipped_weights
 
-SHIPPED_NAMM = Path(__file__).resolve().parents[1] / "weights" / "namm"
-"""The NAMM this project evolved and ships (weights/namm/): every program's default."""
+SHIPPED_NAMM = "namm"
+"""Name of the NAMM this project evolved and ships (:func:`namm_transfer.shipped.shipped_weights`): every
+program's default."""
 
 RULES = ("full", "namm", "h2o", "l2", "recency", "random")
 MATCHED = "matched"
@@ -77,6 +79,11 @@ def comparison(rules: Iterable[str], ratios: Sequence[float], with_namm: bool) -
             methods.append(Method(rule, MATCHED))
         methods.extend(Method(rule, float(r)) for r in ratios)
     return methods
+
+
+def load_namm_option(option: str | Path | None) -> NammWeights:
+    """The NAMM a program's ``--namm`` option names: a folder or either file, or the shipped NAMM when None."""
+    return load_namm(shipped_weights(SHIPPED_NAMM) if option is None else option)
 
 
 def namm_policy(weights: NammWeights, device: torch.device | str = "cpu") -> NammPolicy:

@@ -8,6 +8,7 @@ per-layer retention plot in the output folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -15,57 +16,109 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from namm_transfer.cli import ArgumentParser, run_program
-from namm_transfer.evals.longbench import load_longbench
+from namm_transfer.cli import (
+    ArgumentParser,
+    FloatRange,
+    InputError,
+    IntRange,
+    check_choices,
+    check_output_dir,
+    check_readable_dir,
+    float_list,
+    name_list,
+    run_program,
+)
+from namm_transfer.evals import longbench
 from namm_transfer.evals.report import RunFolder, format_table, plot_retention_per_layer, plot_score_vs_memory, run_name
 from namm_transfer.evals.text_tasks import TASKS, TextItem, build_suite, token_counter
-from namm_transfer.methods import MATCHED, RULES, SHIPPED_NAMM, Method, build_policy, cache_config_for, comparison
+from namm_transfer.methods import (
+    MATCHED,
+    RULES,
+    SHIPPED_NAMM,
+    Method,
+    build_policy,
+    cache_config_for,
+    comparison,
+    load_namm_option,
+)
+from namm_transfer.models import add_model_options, load_model, resolve_model
 from namm_transfer.namm.budget import RetentionRecord
-from namm_transfer.namm.checkpoint import NammWeights, load_namm
+from namm_transfer.namm.checkpoint import NammWeights, check_namm_settings
+from namm_transfer.run_lock import RunLock, check_not_locked
+from namm_transfer.text_eval import CHUNK_TOKENS, PERIOD_TOKENS, PROMPT_TOKENS, SEED, TextGenerator
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
-    return [name for name in text.split(",") if name]
+INTERRUPTED = "interrupted: every finished item is saved in the results folder; rerun the same command to resume"
+ITEMS = IntRange(1, 10_000)
+LONGBENCH_LIMIT = IntRange(1, 1_000_000)
+MAX_PROMPT_TOKENS = IntRange(64, 1_048_576)
+RESULTS_BYTES = 16 * 2**20
+"""Room the results folder needs at least (predictions, metrics, two plots)."""
 
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m namm_transfer.text", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="local HF folder or cached hub id (default: embedded SmolLM2)")
-    p.add_argument("--namm", default=str(SHIPPED_NAMM), help="NAMM weights (folder or file); 'none' to skip")
-    p.add_argument("--tasks", default=",".join(TASKS), help="built-in tasks, comma-separated")
+    add_model_options(p)
+    p.add_argument("--namm", default=None,
+                   help="NAMM weights, a folder or either file (default: the shipped NAMM); 'none' to skip")
+    p.add_argument("--tasks", type=name_list, default=TASKS, help=f"built-in tasks, comma-separated ({','.join(TASKS)})")
     p.add_argument("--split", default="heldout", choices=("train", "heldout"))
-    p.add_argument("--items", type=int, default=2, help="items per built-in task")
-    p.add_argument("--length", type=int, default=1536, help="prompt length in tokens (built-in tasks)")
-    p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths, comma-separated")
-    p.add_argument("--seed", type=int, default=0, help="first item seed (built-in tasks) and random-rule seed")
+    p.add_argument("--items", type=ITEMS, default=2, help=f"items per built-in task ({ITEMS})")
+    p.add_argument("--length", type=PROMPT_TOKENS, default=1536,
+                   help=f"prompt length in tokens, built-in tasks ({PROMPT_TOKENS})")
+    p.add_argument("--depths", type=float_list(FloatRange(0.0, 1.0)), default=(0.1, 0.5, 0.9),
+                   help="needle depths in [0, 1], comma-separated")
+    p.add_argument("--seed", type=SEED, default=0, help=f"first item seed and random-rule seed ({SEED})")
     p.add_argument("--longbench", default=None, help="folder of LongBench JSONL files (replaces built-in tasks)")
-    p.add_argument("--longbench-tasks", default="passage_retrieval_en", help="LongBench tasks, comma-separated")
-    p.add_argument("--limit", type=int, default=None, help="at most this many LongBench items per task")
-    p.add_argument("--methods", default=",".join(RULES), help=f"subset of {','.join(RULES)}")
-    p.add_argument("--ratios", default="0.25,0.5,0.75", help="fixed budgets for the baselines ('' for none)")
-    p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk (namm-spec §1.3)")
-    p.add_argument("--update-every", type=int, default=None, help="policy period (default: the NAMM's own)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="middle-truncate longer prompts")
+    p.add_argument("--longbench-tasks", type=name_list, default=("passage_retrieval_en",),
+                   help="LongBench tasks, comma-separated")
+    p.add_argument("--limit", type=LONGBENCH_LIMIT, default=None, help=f"at most this many LongBench items per task ({LONGBENCH_LIMIT})")
+    p.add_argument("--methods", type=name_list, default=RULES, help=f"subset of {','.join(RULES)}")
+    p.add_argument("--ratios", type=float_list(FloatRange(0.0, 1.0, open_low=True), allow_empty=True),
+                   default=(0.25, 0.5, 0.75), help="fixed budgets for the baselines in (0, 1] ('' for none)")
+    p.add_argument("--chunk-size", type=CHUNK_TOKENS, default=128, help=f"prefill chunk in tokens ({CHUNK_TOKENS})")
+    p.add_argument("--update-every", type=PERIOD_TOKENS, default=None,
+                   help=f"policy period in tokens ({PERIOD_TOKENS}); must equal the NAMM's own (the default)")
+    p.add_argument("--max-prompt-tokens", type=MAX_PROMPT_TOKENS, default=None,
+                   help=f"middle-truncate longer prompts ({MAX_PROMPT_TOKENS})")
     p.add_argument("--chat-template", default="auto", choices=("auto", "on", "off"))
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/text", help="results folder")
     return p
 
 
-def _items(args, tokenizer) -> tuple[str, list[TextItem]]:
+def namm_identity(namm: NammWeights) -> str:
+    """SHA-256 of a NAMM's tensors and config: a results folder is tied to the weights, not to their path."""
+    digest = hashlib.sha256(json.dumps(namm.config.to_dict(), sort_keys=True).encode())
+    for tensor in (namm.params, namm.norm_mean, namm.norm_var):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_arguments(args) -> tuple[NammWeights | None, list[Method], list[TextItem] | None]:
+    """Every check that needs no model: methods, tasks, seeds, NAMM file and its settings, LongBench files,
+    the results folder. Returns the NAMM (None when skipped), the methods, and the LongBench items (None for
+    built-in tasks, which need the tokenizer)."""
+    check_choices(args.methods, RULES, "--methods")
+    longbench_items = None
     if args.longbench:
-        return "longbench", load_longbench(args.longbench, _names(args.longbench_tasks), limit=args.limit)
-    suite = build_suite(_names(args.tasks), args.split, args.items, args.length, _floats(args.depths), token_counter(tokenizer),
-                        seed=args.seed)
-    return f"builtin-{args.split}-L{args.length}", suite
+        check_readable_dir(args.longbench, "--longbench")
+        check_choices(args.longbench_tasks, longbench.TASKS, "--longbench-tasks")
+        longbench_items = longbench.load_longbench(args.longbench, args.longbench_tasks, limit=args.limit)
+        if not longbench_items:
+            raise InputError(f"--longbench {args.longbench}: the files of {', '.join(args.longbench_tasks)} hold no items")
+    else:
+        check_choices(args.tasks, TASKS, "--tasks")
+        if args.split == "train" and args.seed + args.items > SEED.high + 1:
+            raise InputError(f"--seed {args.seed} + --items {args.items} passes the last train seed {SEED.high}")
+    use_namm = "namm" in args.methods and (args.namm is None or args.namm.lower() != "none")
+    namm = load_namm_option(args.namm) if use_namm else None
+    if namm is not None:
+        check_namm_settings(namm, args.namm or f"the shipped NAMM ({SHIPPED_NAMM})", update_every=args.update_every)
+    methods = comparison(args.methods, args.ratios, with_namm=namm is not None)
+    if not methods:
+        raise InputError("no method to run: --methods names only 'namm' but --namm is 'none'")
+    check_output_dir(args.out, "--out", RESULTS_BYTES)
+    check_not_locked(args.out)
+    return namm, methods, longbench_items
 
 
 def _retention(record: dict) -> list[RetentionRecord]:
@@ -94,76 +147,82 @@ def summarise(method: Method, records: list[dict]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    unknown = sorted(set(_names(args.tasks)) - set(TASKS))
-    if unknown and not args.longbench:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    ratios = _floats(args.ratios)
-    rules = _names(args.methods)
-    namm: NammWeights | None = None if args.namm.lower() == "none" or "namm" not in rules else load_namm(args.namm)
-    methods = comparison(rules, ratios, with_namm=namm is not None)
-    if not methods:
-        raise ValueError("no method to run: check --methods and --namm")
+    namm, methods, longbench_items = check_arguments(args)
     cache = cache_config_for(None if namm is None else namm.config, args.update_every)
+    resolve_model(args.model)  # every check passes before the model loads
+    loaded = load_model(args.model, dtype=args.dtype, device=str(args.device))
 
-    from namm_transfer.models import load_model  # heavy import after the arguments are known to be good
-    from namm_transfer.text_eval import TextGenerator
-
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    dataset, items = _items(args, loaded.tokenizer)
+    if longbench_items is not None:
+        dataset, items = "longbench", longbench_items
+    else:
+        dataset = f"builtin-{args.split}-L{args.length}"
+        items = build_suite(args.tasks, args.split, args.items, args.length, args.depths,
+                            token_counter(loaded.tokenizer), seed=args.seed)
     generator = TextGenerator(loaded.model, loaded.tokenizer, cache, args.chunk_size, args.chat_template,
                               args.max_prompt_tokens)
     out = Path(args.out)
     base_config = {
         "dataset": dataset, "model": loaded.name, "items": [i.item_id for i in items], "cache": vars(cache),
         "chunk_size": args.chunk_size, "chat_template": generator.use_chat_template, "dtype": args.dtype,
-        "max_prompt_tokens": args.max_prompt_tokens, "namm": None if namm is None else str(args.namm),
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "namm": None if namm is None else (args.namm or f"shipped:{SHIPPED_NAMM}"),
+        "namm_sha256": None if namm is None else namm_identity(namm),
     }
     folders = {}
-    for method in methods:
+    for method in methods:  # every identity is checked before anything is written
         folder = RunFolder(out, run_name(dataset, loaded.name, method.rule, method.budget))
         folder.start({**base_config, "method": method.label, "seed": args.seed})
         folders[method] = folder
-    namm_records: dict[str, dict] = {}
-    progress = tqdm(total=len(methods) * len(items), desc="text eval", unit="run")
-    for method, folder in folders.items():
-        done = folder.done_ids()
-        for item in items:
-            progress.set_postfix_str(f"{method.label} {item.task}")
-            if item.item_id in done:
-                progress.update()
-                continue
-            retention = None
-            if method.budget == MATCHED:
-                if not namm_records:
-                    namm_records = {r["item_id"]: r for r in folders[Method("namm")].predictions()}
-                retention = _retention(namm_records[item.item_id])
-            policy = build_policy(method, namm, retention, seed=args.seed, device=args.device)
-            run = generator.run(item, policy)
-            record = {
-                "item_id": item.item_id, "task": item.task, "prediction": run.predictions[0],
-                "answers": item.answers, "score": item.score(run.predictions[0]),
-                "kv_retained": run.kv_retained[0], "kept_per_layer": run.kept_per_layer,
-                "kv_bytes_peak": run.kv_bytes_peak, "prompt_tokens": run.prompt_tokens, "seconds": run.seconds,
-            }
-            if method.rule == "namm":
-                record["retention"] = [[r.step, r.layer, r.slots_before, r.kept] for r in run.retention]
-            folder.append_prediction(record)
-            progress.update()
-    progress.close()
+    with RunLock(out):
+        for folder in folders.values():
+            folder.repair()
+        rows = evaluate(folders, items, generator, namm, args.seed, str(args.device))
+        (out / "summary.json").write_text(json.dumps({"dataset": dataset, "model": loaded.name, "methods": rows},
+                                                     indent=2) + "\n")
+        print(format_table(rows, ["method", "items", "score", "kv_retained_pct", "kv_bytes_peak", "seconds_per_item"]))
+        plot_score_vs_memory(rows, out / "score_vs_kv.png", title=f"{dataset} / {loaded.name}")
+        plot_retention_per_layer({r["method"]: r["kept_per_layer_pct"] for r in rows}, out / "retention_per_layer.png")
+    print(f"results: {out}")
+    return 0
 
+
+def evaluate(folders: dict[Method, RunFolder], items: list[TextItem], generator, namm: NammWeights | None,
+             seed: int, device: str) -> list[dict]:
+    """Answer every unfinished item with every method (appending to its folder), then write and return each
+    method's metrics."""
+    namm_records: dict[str, dict] = {}
+    with tqdm(total=len(folders) * len(items), desc="text eval", unit="run") as progress:  # closed before any error line
+        for method, folder in folders.items():
+            done = folder.done_ids()
+            for item in items:
+                progress.set_postfix_str(f"{method.label} {item.task}")
+                if item.item_id in done:
+                    progress.update()
+                    continue
+                retention = None
+                if method.budget == MATCHED:
+                    if not namm_records:
+                        namm_records = {r["item_id"]: r for r in folders[Method("namm")].predictions()}
+                    retention = _retention(namm_records[item.item_id])
+                policy = build_policy(method, namm, retention, seed=seed, device=device)
+                run = generator.run(item, policy)
+                record = {
+                    "item_id": item.item_id, "task": item.task, "prediction": run.predictions[0],
+                    "answers": item.answers, "score": item.score(run.predictions[0]),
+                    "kv_retained": run.kv_retained[0], "kept_per_layer": run.kept_per_layer,
+                    "kv_bytes_peak": run.kv_bytes_peak, "prompt_tokens": run.prompt_tokens, "seconds": run.seconds,
+                }
+                if method.rule == "namm":
+                    record["retention"] = [[r.step, r.layer, r.slots_before, r.kept] for r in run.retention]
+                folder.append_prediction(record)
+                progress.update()
     rows = []
     for method, folder in folders.items():
         metrics = summarise(method, folder.predictions())
         folder.write_metrics(metrics)
         rows.append(metrics)
-    (out / "summary.json").write_text(json.dumps({"dataset": dataset, "model": loaded.name, "methods": rows},
-                                                 indent=2) + "\n")
-    print(format_table(rows, ["method", "items", "score", "kv_retained_pct", "kv_bytes_peak", "seconds_per_item"]))
-    plot_score_vs_memory(rows, out / "score_vs_kv.png", title=f"{dataset} / {loaded.name}")
-    plot_retention_per_layer({r["method"]: r["kept_per_layer_pct"] for r in rows}, out / "retention_per_layer.png")
-    print(f"results: {out}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_program(main))
+    raise SystemExit(run_program(main, interrupted=INTERRUPTED))

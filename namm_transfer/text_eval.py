@@ -1,7 +1,7 @@
 """Answering one text item with one eviction policy, and measuring what it cost in KV memory.
 
 Used by the text evaluation program (``python -m namm_transfer.text``), the demo and the evolution fitness.
-Several batch rows can answer the same prompt at once (one per NAMM population member, namm-spec.md §5.5).
+Several batch rows can answer the same prompt at once (one per NAMM population member, docs/algorithm.md §5.5).
 """
 
 from __future__ import annotations
@@ -11,12 +11,23 @@ from dataclasses import dataclass
 import torch
 
 from namm_transfer.adapters.base import adapter_for
+from namm_transfer.cli import IntRange
 from namm_transfer.evals.longbench import truncate_middle
 from namm_transfer.evals.text_tasks import TextItem
 from namm_transfer.namm.budget import RetentionRecord
 from namm_transfer.namm.interface import EvictionPolicy
 from namm_transfer.runtime.cache import CacheConfig
 from namm_transfer.runtime.runner import EvictingRunner, RunnerConfig
+
+PROMPT_TOKENS = IntRange(256, 131_072)
+"""Prompt lengths the programs accept for built-in tasks: every task fits in 256 tokens, and 128k tokens is the
+longest context of the models this suite targets (a longer prompt would only exhaust memory)."""
+SEED = IntRange(0, 999_999)
+"""Item seeds: train seeds stop below the first held-out one (10**6, evals/text_tasks.py)."""
+CHUNK_TOKENS = IntRange(16, 8192)
+"""Prefill chunk lengths the programs accept."""
+PERIOD_TOKENS = IntRange(16, 65_536)
+"""NAMM periods (``update_every``) the programs accept; a multiple of the NAMM's hop is checked by NammConfig."""
 
 
 @dataclass
@@ -54,7 +65,7 @@ class TextGenerator:
         model: a Hugging Face causal LM with a registered adapter.
         tokenizer: its tokenizer.
         cache: cache settings (policy period and attention numerics).
-        chunk_size: prefill chunk length (namm-spec.md §1.3: 128).
+        chunk_size: prefill chunk length (docs/algorithm.md §1.3: 128).
         chat_template: "auto" (use the tokenizer's template when it has one), "on" or "off".
         max_prompt_tokens: prompts longer than this are cut in the middle (LongBench convention, §6).
     """

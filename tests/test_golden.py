@@ -1,4 +1,4 @@
-"""Token-for-token agreement with the official NAMM on recorded steps (golden/README.md).
+"""Token-for-token agreement with the official NAMM on recorded steps (tests/data/golden/README.md).
 
 Two parameter vectors, one layer, 2 KV heads x 2 query heads, 3 consecutive NAMM steps of 512 new
 queries with state carried between steps: the kept absolute positions must equal the official ones.
@@ -16,8 +16,7 @@ from namm_transfer.namm.interface import LayerView
 from namm_transfer.namm.policy import NammPolicy
 from namm_transfer.runtime.attention_rows import query_head_mean
 
-# The design folder lies beside the project's root (../shared/design), on developer machines and in CI.
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "design" / "golden" / "official-steps-seed11.npz"
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "official-steps-seed11.npz"
 
 
 @pytest.fixture(scope="module")

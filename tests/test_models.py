@@ -19,8 +19,8 @@ def test_embedded_model_is_smollm2_with_gqa_and_answers():
     assert "Paris" in loaded.tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
 
 
-@pytest.mark.parametrize("name, message", [("/no/such/folder", "neither a local folder"),
-                                           ("nobody/not-cached-model", "cannot load model")])
+@pytest.mark.parametrize("name, message", [("/no/such/folder", "no such folder"),
+                                           ("nobody/not-cached-model", "not in the local Hugging Face cache")])
 def test_missing_models_give_one_line_errors(name, message, tmp_path):
     with pytest.raises(ModelLoadError, match=message) as error:
         load_model(name)
@@ -28,7 +28,7 @@ def test_missing_models_give_one_line_errors(name, message, tmp_path):
 
 
 def test_a_folder_without_config_is_refused(tmp_path):
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match="no config.json, so not a Hugging Face model folder"):
         load_model(str(tmp_path))
 
 

@@ -41,7 +41,7 @@ def test_help(name):
         (("namm_transfer.demo", "--namm", "/no/such/namm"), "/no/such/namm"),
         (("namm_transfer.evolve", "--stage", "passkey:many"), "generations must be an integer"),
         (("namm_transfer.evolve", "--stage", "haystack:2"), "unknown task"),
-        (("namm_transfer.evolve", "--population", "1"), "population_size"),
+        (("namm_transfer.evolve", "--population", "1"), "--population"),
         (("namm_transfer.evolve", "--update-every", "100"), "update_every"),
     ],
 )
@@ -86,8 +86,12 @@ def test_text_program_writes_results_and_resumes(tmp_path, evicting_namm):
     assert (tmp_path / "score_vs_kv.png").stat().st_size > 0 and (tmp_path / "retention_per_layer.png").exists()
     folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(folders) == 6 and all((f / "metrics.json").exists() for f in folders)
-    second = program(*args)  # every item is done: nothing is recomputed
+    cut = folders[0] / "predictions.jsonl"
+    with cut.open("a") as handle:
+        handle.write('{"item_id": "killed mid-wri')  # a run killed while appending
+    second = program(*args)  # every item is done: nothing is recomputed, the cut line is removed
     assert second.returncode == 0
+    assert f"{cut}:2: removed an incomplete last line" in second.stderr
     assert all(len((f / "predictions.jsonl").read_text().splitlines()) == 1 for f in folders)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
@@ -100,8 +104,13 @@ def test_one_evolution_generation_runs_and_resumes_exactly(tmp_path):
     assert straight.returncode == 0, straight.stderr[-2000:]
     first = program("namm_transfer.evolve", "--run-dir", str(tmp_path / "b"), "--stage", "passkey:1", *common)
     assert first.returncode == 0, first.stderr[-2000:]
+    references = tmp_path / "b" / "references.jsonl"
+    with references.open("a") as handle:
+        handle.write('{"item_id": "passkey-train-s9')  # killed while caching a reference
     resumed = program("namm_transfer.evolve", "--run-dir", str(tmp_path / "b"), "--stage", "passkey:2", *common)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{references}:" in resumed.stderr and "removed an incomplete last line" in resumed.stderr
+    assert references.read_text().endswith("}\n")
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert [r["generation"] for r in log_b] == [0, 1]
     assert [r["member_fitness"] for r in log_a] == [r["member_fitness"] for r in log_b]

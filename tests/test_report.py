@@ -6,6 +6,7 @@ import pytest
 
 from namm_transfer.evals.report import (
     RunFolder,
+    RunIdentityError,
     format_table,
     plot_retention_per_layer,
     plot_score_vs_memory,
@@ -33,13 +34,18 @@ def test_run_folder_rejects_path_like_names(tmp_path):
             RunFolder(tmp_path, bad)
 
 
-def test_config_written_once_and_checked_on_resume(tmp_path):
+def test_identity_is_written_with_the_first_item_and_checked_on_resume(tmp_path):
     run = RunFolder(tmp_path, "r1")
     run.start({"model": "m", "budget": 0.5})
+    assert not (tmp_path / "r1").exists()  # nothing is written before the first finished item
+    RunFolder(tmp_path, "r1").start({"model": "m", "budget": 0.25})  # so a corrected command is not refused
+    run.append_prediction({"item_id": "a"})
     assert json.loads((tmp_path / "r1" / "config.json").read_text()) == {"budget": 0.5, "model": "m"}
     RunFolder(tmp_path, "r1").start({"budget": 0.5, "model": "m"})
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(RunIdentityError, match=r"budget \(was 0.5, now 0.25\)"):
         RunFolder(tmp_path, "r1").start({"model": "m", "budget": 0.25})
+    with pytest.raises(RunIdentityError, match=r"seed \(was absent, now 3\)"):
+        RunFolder(tmp_path, "r1").start({"model": "m", "budget": 0.5, "seed": 3})
 
 
 def test_resume_skips_finished_items(tmp_path):
@@ -75,6 +81,7 @@ def test_torn_last_line_is_ignored_with_a_warning_and_repaired(tmp_path):
 
 def test_complete_last_line_without_newline_is_kept(tmp_path):
     run = RunFolder(tmp_path, "run")
+    run.path.mkdir()
     run.predictions_path.write_text('{"item_id": "a"}')
     run.append_prediction({"item_id": "b"})
     assert run.done_ids() == {"a", "b"}
@@ -82,8 +89,9 @@ def test_complete_last_line_without_newline_is_kept(tmp_path):
 
 def test_corrupt_line_before_the_end_is_an_error(tmp_path):
     run = RunFolder(tmp_path, "run")
+    run.path.mkdir()
     run.predictions_path.write_text('{"item_id": "a"}\nnot json\n{"item_id": "c"}\n')
-    with pytest.raises(ValueError, match=r"predictions.jsonl:2: corrupt prediction line"):
+    with pytest.raises(ValueError, match=r"predictions.jsonl:2: corrupt line"):
         run.done_ids()
 
 

@@ -1,6 +1,6 @@
 """The evolution loop: incremental stages, frozen normalisation, checkpoint and resume, ranks.
 
-namm-spec.md §5.3: stages run one after another on **one** CMA-ES whose whole state (m, C, σ, paths,
+docs/algorithm.md §5.3: stages run one after another on **one** CMA-ES whose whole state (m, C, σ, paths,
 counter) carries across stage boundaries, and the generation counter is shared by all stages: stage s runs
 generations ``sum(g_0..g_{s-1})`` to ``sum(g_0..g_s) - 1``. §5.6: normalisation statistics are estimated
 once, before generation 0 of stage 0, and frozen. Unlike the official code, stages chain through the latest
@@ -37,7 +37,7 @@ from namm_transfer.evolve.strategy import CmaEs, EvolutionConfig
 
 @dataclass(frozen=True)
 class Stage:
-    """One incremental stage (namm-spec §5.3).
+    """One incremental stage (docs/algorithm.md §5.3).
 
     Attributes:
         name: label written to the log.
@@ -87,7 +87,7 @@ FitnessFn = Callable[[np.ndarray, int, Stage, "dict[str, np.ndarray] | None"], F
 
 Every rank calls it on its own contiguous slice of the population. For a bit-identical resume it must be
 a deterministic function of its arguments (e.g. draw the generation's prompts from a seed and
-``generation``), and every rank must draw the same prompts (namm-spec §5.2: one prompt set per generation).
+``generation``), and every rank must draw the same prompts (docs/algorithm.md §5.2: one prompt set per generation).
 """
 
 

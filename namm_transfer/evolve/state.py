@@ -1,12 +1,12 @@
 """The run folder of an evolution: checkpoint every generation, resume bit-identically, JSONL log.
 
-Layout of ``run_dir`` (namm-spec.md §5.4 keeps the same information in ``latest.pt`` + ``rng_ckpt.pt``):
+Layout of ``run_dir`` (docs/algorithm.md §5.4 keeps the same information in ``latest.pt`` + ``rng_ckpt.pt``):
 
 * ``es_state.pkl``: pickle of ``{"format_version", "strategy", "stage_index", "statistics"}``. The
   :class:`~namm_transfer.evolve.strategy.CmaEs` pickles the whole ``cma`` object (mean, C, B, D, σ, paths,
   iteration counter, best-ever) together with its private normal generator, so the next population asked
   after :func:`resume` is bit-identical to an uninterrupted run. ``statistics`` is the frozen
-  normalisation result (e.g. ``{"norm_mean": (17,), "norm_var": (17,)}``, namm-spec §5.6) or None.
+  normalisation result (e.g. ``{"norm_mean": (17,), "norm_var": (17,)}``, docs/algorithm.md §5.6) or None.
   About 280 MB at n = 4172 with full covariance, 1-4 MB with the diagonal one.
 * ``weights/gen-<k>-<suffix>/``: the CMA-ES mean after k completed generations (the mean around which
   generation k is sampled), written by a :data:`MeanSaver` (:func:`namm_mean_saver` writes a NAMM file);
@@ -16,15 +16,14 @@ Layout of ``run_dir`` (namm-spec.md §5.4 keeps the same information in ``latest
 Writes are atomic: files are written under a temporary name and moved with ``os.replace``; the weights
 folder gets a fresh unique name and the ``mean`` symlink is swapped with ``os.replace``. A process killed
 at any point leaves the last committed ``es_state.pkl`` intact. The log line of a generation is appended
-before its state is committed; :func:`trim_log` drops lines of uncommitted generations (and a partial last
-line) when a run resumes.
+before its state is committed; :func:`trim_log` drops lines of uncommitted generations (and a cut last
+line, with a warning naming the file) when a run resumes.
 
 Pickles run code when loaded: resume only run folders you wrote yourself.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -36,7 +35,9 @@ from typing import Callable
 
 import numpy as np
 
+from namm_transfer.atomic import atomic_write
 from namm_transfer.evolve.strategy import CmaEs
+from namm_transfer.jsonl import JsonlFile
 from namm_transfer.namm.checkpoint import save_namm
 from namm_transfer.namm.config import NammConfig
 
@@ -70,26 +71,8 @@ class RunState:
 
     @property
     def generation(self) -> int:
-        """Completed generations, counted across all stages (the shared counter of namm-spec §5.3)."""
+        """Completed generations, counted across all stages (the shared counter of docs/algorithm.md §5.3)."""
         return self.strategy.generation
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_state(run_dir: str | Path, state: RunState, save_mean: MeanSaver | None = None) -> None:
@@ -119,7 +102,7 @@ def save_state(run_dir: str | Path, state: RunState, save_mean: MeanSaver | None
         "stage_index": state.stage_index,
         "statistics": state.statistics,
     }
-    _atomic_write(run_dir / STATE_NAME, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    atomic_write(run_dir / STATE_NAME, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
     if keep is not None:
         for old in (run_dir / WEIGHTS_DIR).iterdir():
             if old != keep:
@@ -183,36 +166,28 @@ def generation_record(
     }
 
 
+def _log(run_dir: str | Path) -> JsonlFile:
+    return JsonlFile(Path(run_dir) / LOG_NAME, key="generation")
+
+
 def append_log(run_dir: str | Path, record: dict) -> None:
     """Append one JSON line to ``run_dir/log.jsonl`` and flush it to disk."""
-    with open(Path(run_dir) / LOG_NAME, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, allow_nan=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    _log(run_dir).append(record)
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
-    """All complete log records of ``run_dir`` (a partial last line, left by a kill, is ignored)."""
-    path = Path(run_dir) / LOG_NAME
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    records = []
-    for number, line in enumerate(lines[:-1], start=1):  # the text after the last "\n" is never complete
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{path} line {number} is not JSON: {error}") from None
-    return records
+    """All complete log records of ``run_dir`` (a cut last line, left by a kill, is ignored with a warning
+    naming the file; a damaged line before it raises a ValueError naming the file and the line)."""
+    return _log(run_dir).records()
 
 
 def trim_log(run_dir: str | Path, generations: int) -> None:
-    """Keep only the log records of the first ``generations`` generations (atomic rewrite)."""
-    path = Path(run_dir) / LOG_NAME
-    if not path.exists():
+    """Keep only the log records of the first ``generations`` generations (atomic rewrite; a cut last line
+    is dropped with a warning naming the file)."""
+    log = _log(run_dir)
+    if not log.path.exists():
         return
-    kept = [record for record in read_log(run_dir) if record["generation"] < generations]
-    _atomic_write(path, "".join(json.dumps(record, allow_nan=False) + "\n" for record in kept).encode("utf-8"))
+    log.rewrite(record for record in log.records() if record["generation"] < generations)
 
 
 def namm_mean_saver(namm_config: NammConfig, provenance: dict) -> MeanSaver:

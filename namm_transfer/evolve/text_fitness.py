@@ -1,9 +1,10 @@
-"""The fitness of NAMM population members on the built-in long-context text tasks (namm-spec.md §5.2).
+"""The fitness of NAMM population members on the built-in long-context text tasks (docs/algorithm.md §5.2).
 
 Every generation, ``prompts_per_task`` train items per task of the stage are drawn from a fixed pool
 (deterministically from the generation number, so every rank and every resume draws the same prompts), and
 every member answers the same prompts. Per task, the raw score (mean metric over the prompts) is divided by the
-full-cache score of the same prompts (computed once per item, cached on disk); fitness is the mean over tasks:
+full-cache score of the same prompts (computed once per item, cached in the run folder's ``references.jsonl``,
+which survives a cut last line); fitness is the mean over tasks:
 1.0 means full-cache parity.
 
 The pool holds only items the base model answers (score > 0) with the full cache. The paper draws 64 prompts
@@ -20,7 +21,6 @@ own parameter vector (§5.5), with per-row eviction counts (padding slots masked
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,13 +30,15 @@ import torch
 
 from namm_transfer.evals.text_tasks import TASKS, TextItem, make_item, token_counter
 from namm_transfer.evolve.loop import FitnessResult, Stage
+from namm_transfer.jsonl import JsonlFile
 from namm_transfer.namm.config import NammConfig
 from namm_transfer.namm.features import NormalisationStats, StatsAccumulator
 from namm_transfer.namm.policy import NammPolicy
 from namm_transfer.text_eval import TextGenerator
 
-_REFERENCE_EPSILON = 1e-7  # namm-spec §5.2
+_REFERENCE_EPSILON = 1e-7  # docs/algorithm.md §5.2
 _MAX_CANDIDATES = 4  # train items tried per pool slot
+REFERENCES_NAME = "references.jsonl"
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,13 @@ class TextFitness:
         self.config = config
         self._count = token_counter(generator.tokenizer)
         self._pool: dict[str, list[TextItem]] = {}
-        self._references_path = None if cache_dir is None else Path(cache_dir) / "references.jsonl"
+        self._references_file = None if cache_dir is None else JsonlFile(Path(cache_dir) / REFERENCES_NAME, "item_id")
         self._references: dict[str, float] = {}
-        if self._references_path is not None and self._references_path.exists():
-            for line in self._references_path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self._references[record["item_id"]] = record["score"]
+        if self._references_file is not None:
+            for record in self._references_file.records():
+                if not isinstance(record.get("score"), (int, float)):
+                    raise ValueError(f"{self._references_file.path}: the record of {record['item_id']!r} has no numeric score")
+                self._references[record["item_id"]] = record["score"]
 
     def pool(self, task: str) -> list[TextItem]:
         """The first ``pool_size`` train items of ``task`` (seeds 0, 1, ...) that the full cache answers; built
@@ -138,14 +140,12 @@ class TextFitness:
             run = self.generator.run(item, None)
             score = item.score(run.predictions[0])
             self._references[item.item_id] = score
-            if self._references_path is not None:
-                self._references_path.parent.mkdir(parents=True, exist_ok=True)
-                with self._references_path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"item_id": item.item_id, "score": score}) + "\n")
+            if self._references_file is not None:
+                self._references_file.append({"item_id": item.item_id, "score": score})
         return self._references[item.item_id]
 
     def estimate_statistics(self, tasks: Sequence[str]) -> dict[str, np.ndarray]:
-        """Normalisation statistics of the spectrogram features with no eviction (namm-spec §2.4, §5.6),
+        """Normalisation statistics of the spectrogram features with no eviction (docs/algorithm.md §2.4, §5.6),
         over the generation-0 prompts of ``tasks``: ``{"norm_mean": (17,), "norm_var": (17,)}``."""
         accumulator = StatsAccumulator(self.namm_config.spectrogram_bins)
         policy = NammPolicy(self.namm_config, accumulator=accumulator)

@@ -1,8 +1,8 @@
 """NAMM weights on disk: safetensors tensors + a JSON sidecar (config and provenance).
 
-Layout (ARCHITECTURE.md, "Weights and provenance"): a directory such as ``weights/namm/`` holding
+Layout (docs/algorithm.md §8): a directory such as ``weights/namm/`` holding
 
-* ``namm.safetensors``: ``params`` (P,) float32, the flat BAM vector of namm-spec.md §3.2 (P = 4172 for the
+* ``namm.safetensors``: ``params`` (P,) float32, the flat BAM vector of docs/algorithm.md §3.2 (P = 4172 for the
   default config); ``norm_mean`` and ``norm_var`` (S,) float32, the frozen normalisation statistics mu and
   sigma^2 of the S = 17 spectrogram features (§2.4);
 * ``namm.json``: ``{"format": "namm", "format_version": 1, "config": NammConfig.to_dict(), "provenance": {...}}``.
@@ -11,7 +11,7 @@ Any other pair ``<stem>.safetensors`` + ``<stem>.json`` in one folder works too:
 :func:`load_namm` take the directory or either file. Provenance is free-form JSON; :func:`save_namm` adds
 ``library_version`` and ``created_utc`` when missing. The recommended keys are :data:`PROVENANCE_KEYS`.
 
-:func:`import_official_checkpoint` converts the official SakanaAI/evo-memory ``ckpt.pt`` (namm-spec.md §5.4).
+:func:`import_official_checkpoint` converts the official SakanaAI/evo-memory ``ckpt.pt`` (docs/algorithm.md §5.4).
 Every loading problem raises :class:`NammWeightsError` with one line naming the file and the problem.
 """
 
@@ -21,7 +21,7 @@ import json
 import math
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -40,6 +40,8 @@ PROVENANCE_KEYS = (
     "base_model", "tasks", "generations", "fitness_history", "seed", "command", "wall_time_s",
     "library_version", "created_utc",
 )
+REQUIRED_CONFIG_KEYS = tuple(f.name for f in fields(NammConfig))
+"""Every NammConfig field: format version 1 has no defaults (a file that omits one is refused)."""
 OFFICIAL_MEAN_KEY = "mean"
 OFFICIAL_NORM_MEAN_KEY = "stored_buffers_to_save.token_embedding_0_output_mean"
 OFFICIAL_NORM_VAR_KEY = "stored_buffers_to_save.token_embedding_0_output_var"
@@ -88,7 +90,7 @@ class NammWeights:
     """Everything needed to run a trained NAMM. Validated on creation (NammWeightsError).
 
     Attributes:
-        params: (config.num_params,) float32 flat BAM parameters (namm-spec.md §3.2).
+        params: (config.num_params,) float32 flat BAM parameters (docs/algorithm.md §3.2).
         norm_mean: (config.spectrogram_bins,) float32 mu of the spectrogram normalisation (§2.4).
         norm_var: (config.spectrogram_bins,) float32 sigma^2 (population variance, >= 0) (§2.4).
         config: the feature, scorer and selection settings.
@@ -189,6 +191,12 @@ def _read_sidecar(config_path: Path) -> tuple[NammConfig, dict]:
         raise fail(f"unsupported format_version {sidecar['format_version']!r} (this library reads {FORMAT_VERSION})")
     if not isinstance(sidecar.get("config"), dict):
         raise fail("missing or non-object 'config'")
+    missing = [name for name in REQUIRED_CONFIG_KEYS if name not in sidecar["config"]]
+    if missing:
+        raise fail(
+            f"config lacks {', '.join(missing)}: format_version {FORMAT_VERSION} states every setting, since a default "
+            "would silently change how the weights evict; add the values the weights were evolved with"
+        )
     try:
         config = NammConfig.from_dict(sidecar["config"])
     except (TypeError, ValueError) as error:
@@ -206,7 +214,7 @@ def load_namm(path: str | Path) -> NammWeights:
         path: the directory, the ``.safetensors`` file or the ``.json`` file.
 
     Checks, each failing with a one-line NammWeightsError naming the file: both files exist; the JSON parses,
-    has a supported ``format_version`` and a valid config; the tensors ``params``, ``norm_mean``,
+    has a supported ``format_version`` and a valid config stating every setting (:data:`REQUIRED_CONFIG_KEYS`); the tensors ``params``, ``norm_mean``,
     ``norm_var`` (and no others) are present with shapes ((config.num_params,), (S,), (S,)), dtype float32,
     finite values and a non-negative variance.
     """
@@ -231,6 +239,30 @@ def load_namm(path: str | Path) -> NammWeights:
     return NammWeights(tensors["params"], tensors["norm_mean"], tensors["norm_var"], config, provenance)
 
 
+def check_namm_settings(weights: NammWeights, source: str | Path, **asked) -> None:
+    """Refuse weights whose config disagrees with the settings a run asks for.
+
+    Args:
+        weights: loaded weights.
+        source: where they were loaded from (named in the message).
+        asked: NammConfig field -> the value the run asks for (e.g. ``update_every=256``); None = not asked.
+
+    Raises:
+        NammWeightsError naming every disagreeing setting.
+    """
+    config = weights.config.to_dict()
+    unknown = sorted(set(asked) - set(config))
+    if unknown:
+        raise ValueError(f"check_namm_settings: unknown NammConfig field(s) {', '.join(unknown)}")
+    differ = [f"{key} {config[key]!r} (asked: {value!r})" for key, value in asked.items()
+              if value is not None and config[key] != value]
+    if differ:
+        raise NammWeightsError(
+            f"{source}: the weights were evolved with {', '.join(differ)}; drop the option to use the weights' own "
+            "setting, or pass weights evolved with the asked one"
+        )
+
+
 def _scalar(value):
     """A JSON-friendly Python number from a 0-d tensor or number; None for anything else."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -241,7 +273,7 @@ def _scalar(value):
 
 
 def import_official_checkpoint(ckpt_pt_path: str | Path) -> NammWeights:
-    """Convert the official SakanaAI/evo-memory ``ckpt.pt`` (namm-spec.md §5.4) to :class:`NammWeights`.
+    """Convert the official SakanaAI/evo-memory ``ckpt.pt`` (docs/algorithm.md §5.4) to :class:`NammWeights`.
 
     The file is ``{"evolution_state": {...}, "iter_num": int, "best_val_loss": float}``; from the CMA-ES state
     only ``mean`` (4172,) (the NAMM parameters theta) and the normalisation buffers

@@ -131,12 +131,13 @@ def check_sizes(config, info: DTInfo) -> None:
         raise ValueError(f"the DT embeds {config.max_ep_len} timesteps, {info.gym_id} episodes last {limit}")
 
 
-def load_dt(path: str | Path, stats: str | Path | Mapping | None = None, device: str = "cpu"):
+def load_dt(path: str | Path, stats: str | Path | Mapping | None = None, device: str = "cpu", env: str | None = None):
     """Load a DT folder -> ``(DecisionTransformerModel in eval mode, DTInfo)``.
 
     ``stats`` (a JSON path or a mapping) is needed only for a folder without :data:`INFO_FILE` (a hub snapshot);
-    given for a folder with one, it is an error. Raises FileNotFoundError / ValueError with one-line messages
-    for a missing folder, missing weights, bad statistics or sizes that do not fit the env.
+    given for a folder with one, it is an error. ``env``, if given, is the env the caller will run: a DT of
+    another env is refused before its weights load. Raises FileNotFoundError / ValueError with one-line messages
+    for a missing folder, missing weights, bad statistics, another env or sizes that do not fit the env.
     """
     from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
@@ -153,6 +154,8 @@ def load_dt(path: str | Path, stats: str | Path | Mapping | None = None, device:
         info = DTInfo.from_json(json.loads(info_path.read_text()))
     else:
         info = _snapshot_info(folder, stats, config)
+    if env is not None and info.env != env:
+        raise ValueError(f"{folder} is a DT for {info.env!r}, not {env!r}; pass --env {info.env}")
     check_sizes(config, info)
     if not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
         raise FileNotFoundError(f"no weights (model.safetensors or pytorch_model.bin) in {folder}")

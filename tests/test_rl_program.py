@@ -54,6 +54,8 @@ def test_program_runs_end_to_end_and_resumes(cheetah_dt, tmp_path):
     assert metrics["full"]["kv_tokens_peak"] == 3 * 40 - 1
     assert metrics["window"]["kv_tokens_peak"] == 3 * 20 - 1
     assert metrics["recency@matched"]["kv_tokens_mean"] == pytest.approx(metrics["namm"]["kv_tokens_mean"], abs=1.0)
+    assert metrics["namm"]["total_bytes_mean"] > metrics["namm"]["kv_bytes_mean"] > 0  # policy state counted
+    assert metrics["window"]["total_bytes_mean"] == metrics["window"]["kv_bytes_mean"]
     assert "minari_score" in metrics["namm"] and summary["paired_d4rl_difference"]["namm - full"]["episodes"] == 4
     for plot in ("score_vs_kv.png", "cache_size.png", "namm_kept_by_age.png"):
         assert (out / plot).stat().st_size > 0

@@ -227,7 +227,8 @@ def _report(out: Path, env_name: str, metrics: dict, records: dict, model) -> No
             row["Minari score"] = round(m["minari_score"], 1)
         row.update({
             "KV tokens/layer mean": round(m["kv_tokens_mean"], 1), "peak": round(m["kv_tokens_peak"], 1),
-            "KV KiB mean": round(m["kv_bytes_mean"] / 1024, 1), "steps/s": round(m["env_steps_per_second"] or 0, 0),
+            "KV KiB mean": round(m["kv_bytes_mean"] / 1024, 1),
+            "KV+policy KiB mean": round(m["total_bytes_mean"] / 1024, 1), "steps/s": round(m["env_steps_per_second"] or 0, 0),
         })
         rows.append(row)
     print(format_table(rows, float_digits=1))

@@ -24,17 +24,18 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def plot_score_vs_memory(metrics: Mapping[str, Mapping], path: Path, title: str) -> Path:
-    """D4RL score (mean with its 95% interval) against mean KV MiB held, one labelled point per condition."""
+    """D4RL score (mean with its 95% interval) against the mean memory held (K/V plus the method's own bytes),
+    one labelled point per condition."""
     figure = Figure(figsize=(6.5, 4.5))
     axes = figure.add_subplot()
     for label, m in metrics.items():
-        x = m["kv_bytes_mean"] / 2**20
+        x = m["total_bytes_mean"] / 2**20
         low, high = m["d4rl_score_ci95"]
         axes.errorbar(x, m["d4rl_score"], yerr=[[m["d4rl_score"] - low], [high - m["d4rl_score"]]], fmt="o",
                       capsize=3)
         axes.annotate(label, (x, m["d4rl_score"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.set_xscale("symlog", linthresh=0.01)
-    axes.set_xlabel("mean KV cache held per episode (MiB, keys + values, all layers)")
+    axes.set_xlabel("mean memory held per episode (MiB: keys + values + policy state, all layers)")
     axes.set_ylabel("D4RL-normalised score (95% CI)")
     axes.set_title(title)
     axes.grid(alpha=0.3)

@@ -93,6 +93,8 @@ class EpisodeRecord:
         kv_tokens_mean, kv_tokens_peak: visible tokens per layer (mean over layers and KV heads), mean and peak
             over the episode's timesteps.
         kv_bytes_mean, kv_bytes_peak: the same as bytes of keys + values over all layers.
+        policy_bytes_mean, policy_bytes_peak: bytes the method adds to them (validity, arrival indices, buffered
+            queries, the policy's per-token state: ``EvictingCache.policy_bytes``), the row's share by its slots.
         kept_by_type: at the episode's end, visible slots by token type (summed over layers and KV heads).
         kept_by_type_age: per token type, visible slots by age (current timestep - the token's) in buckets of
             :data:`AGE_BUCKET` timesteps, summed over layers and KV heads.
@@ -107,6 +109,8 @@ class EpisodeRecord:
     kv_tokens_peak: float
     kv_bytes_mean: float
     kv_bytes_peak: float
+    policy_bytes_mean: float = 0.0
+    policy_bytes_peak: float = 0.0
     kept_by_type: dict[str, int] = field(default_factory=dict)
     kept_by_type_age: dict[str, list[int]] = field(default_factory=dict)
     cache_curve: list[float] = field(default_factory=list)
@@ -265,6 +269,13 @@ def retention_by_type(cache: EvictingCache, row: int, timestep: int) -> tuple[di
     return by_type, by_age
 
 
+def _policy_bytes_per_row(cache: EvictingCache, visible: torch.Tensor) -> torch.Tensor:
+    """(B,) float64: ``cache.policy_bytes()`` of the batch shared among its rows by their visible slots (all
+    layers), i.e. what each episode would hold alone. ``visible`` is (B, L) from ``visible_per_layer``."""
+    slots = visible.double().sum(dim=1)
+    return cache.policy_bytes() * slots / slots.sum().clamp(min=1.0)
+
+
 class CachedActor:
     """Acts with a DT over a whole episode by incremental inference through an evicting cache.
 
@@ -362,6 +373,7 @@ def cached_rollout(
     rows = len(seeds)
     remaining = torch.full((rows, 1), settings.target_return / settings.return_scale, device=device)
     visible_history: list[torch.Tensor] = []  # per timestep (B, L)
+    policy_history: list[torch.Tensor] = []  # per timestep (B,)
     retention: dict[int, tuple[dict, dict]] = {}
     start = time.perf_counter()
     with CachedActor(model, rows, policy, cache_config) as actor:
@@ -369,6 +381,7 @@ def cached_rollout(
             live = ~torch.from_numpy(batch.done)
             action = actor.act(remaining, _normalise(batch.observation, settings, device), t, live)
             visible_history.append(actor.cache.visible_per_layer())
+            policy_history.append(_policy_bytes_per_row(actor.cache, visible_history[-1]))
             rewards = batch.step(action.cpu().numpy())
             remaining = remaining - torch.from_numpy(rewards).float().to(device)[:, None] / settings.return_scale
             for row in np.flatnonzero(batch.done & (batch.lengths == t + 1)):
@@ -386,12 +399,14 @@ def cached_rollout(
         tokens = per_layer.mean(dim=1)
         total_bytes = per_layer.sum(dim=1) * per_token_layer
         by_type, by_age = retention[row]
+        policy_bytes = torch.stack(policy_history)[:length, row]
         episodes.append(
             EpisodeRecord(
                 seed=seed, episode_return=float(batch.returns[row]), length=length,
                 terminated=bool(batch.terminated[row]), kv_tokens_mean=float(tokens.mean()),
                 kv_tokens_peak=float(tokens.max()), kv_bytes_mean=float(total_bytes.mean()),
-                kv_bytes_peak=float(total_bytes.max()), kept_by_type=by_type, kept_by_type_age=by_age,
+                kv_bytes_peak=float(total_bytes.max()), policy_bytes_mean=float(policy_bytes.mean()),
+                policy_bytes_peak=float(policy_bytes.max()), kept_by_type=by_type, kept_by_type_age=by_age,
                 cache_curve=tokens[::10].tolist(),
             )
         )

@@ -46,6 +46,9 @@ def condition_metrics(
         "kv_tokens_peak": float(np.max([r["kv_tokens_peak"] for r in records])),
         "kv_bytes_mean": float(np.mean([r["kv_bytes_mean"] for r in records])),
         "kv_bytes_peak": float(np.max([r["kv_bytes_peak"] for r in records])),
+        "policy_bytes_mean": float(np.mean([r["policy_bytes_mean"] for r in records])),
+        "total_bytes_mean": float(np.mean([r["kv_bytes_mean"] + r["policy_bytes_mean"] for r in records])),
+        "total_bytes_peak": float(np.max([r["kv_bytes_peak"] + r["policy_bytes_peak"] for r in records])),
         "env_steps_per_second": float(sum(r["length"] for r in records) / seconds) if seconds > 0 else None,
     }
     if ref_scores is not None:

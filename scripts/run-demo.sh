@@ -1,7 +1,0 @@
-#!/usr/bin/env bash
-# Set up (idempotent) and run the main job on embedded defaults.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m namm_transfer.demo "$@"

@@ -11,10 +11,11 @@ import pytest
 
 from namm_transfer.cli import run_program
 from namm_transfer.evals.video_tasks import write_split
-from namm_transfer.video.__main__ import SHIPPED_NAMM, main
+from namm_transfer.shipped import shipped_names
+from namm_transfer.video.__main__ import main
 
 
-@pytest.mark.skipif(not SHIPPED_NAMM.is_dir(), reason="the shipped NAMM (weights/namm) is not in this checkout")
+@pytest.mark.skipif("namm" not in shipped_names(), reason="the shipped NAMM (weights/namm) is not installed")
 def test_tiny_run_end_to_end_and_resume(tmp_path, capsys):
     data = tmp_path / "data"
     tasks = write_split(data, "heldout", lengths=[16], per_kind=1, kinds=("colour", "count"))
@@ -62,12 +63,15 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         (["--dataset", "longvideobench", "--data", str(wrong_layout), "--parts", "none", "--namm", "none"],
          "lvb_val.json"),
         (["--methods", "full,magic"], "unknown method"),
-        (["--parts", str(tmp_path / "absent"), "--namm", "none"], "no trained video parts"),
+        (["--parts", str(tmp_path / "absent"), "--namm", "none"], "no such folder"),
     ]
     for argv, expected in cases:
         assert run_program(main, argv + ["--out", str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err.strip()
         assert expected in error and "\n" not in error, error
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own error, in the suite's one-line style
+        main(["--device", "tpu"])
+    assert exit_info.value.code == 2 and "not a device name" in capsys.readouterr().err
     data = tmp_path / "data"
     write_split(data, "heldout", lengths=[16], per_kind=1, kinds=("colour",))
     assert run_program(main, ["--model", str(not_video), "--namm", "none", "--methods", "full", "--data", str(data),

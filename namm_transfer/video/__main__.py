@@ -18,15 +18,23 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from namm_transfer.cli import ArgumentParser, run_program
+from namm_transfer.cli import ArgumentParser, check_device, run_program
 from namm_transfer.evals.video_qa import LOADERS, VideoQuestion, dataset_score, load_video_dataset
 from namm_transfer.evals.video_tasks import KINDS, TaskConfig, write_split
-from namm_transfer.methods import MATCHED, RULES, Method, build_policy, cache_config_for, comparison
+from namm_transfer.methods import (
+    MATCHED,
+    RULES,
+    Method,
+    build_policy,
+    cache_config_for,
+    comparison,
+    load_namm_option,
+)
 from namm_transfer.namm.budget import RetentionRecord
+from namm_transfer.shipped import ShippedWeightsError, shipped_weights
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-SHIPPED_NAMM = REPOSITORY / "weights" / "namm"
-SHIPPED_PARTS = REPOSITORY / "weights" / "video"
+SHIPPED_PARTS = "video"
+"""Name of the embedded model's trained vision parts among the shipped weights (``weights/video/``)."""
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -53,9 +61,11 @@ def _names(text: str) -> list[str]:
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m namm_transfer.video", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="local LLaVA-NeXT-Video folder (default: the embedded model)")
-    p.add_argument("--parts", default=str(SHIPPED_PARTS),
-                   help="trained vision parts of the embedded model; 'none' for an untrained tower")
-    p.add_argument("--namm", default=str(SHIPPED_NAMM), help="NAMM weights (folder or file); 'none' to skip")
+    p.add_argument("--parts", default=None,
+                   help="trained vision parts of the embedded model (default: the shipped ones); 'none' for an "
+                        "untrained tower")
+    p.add_argument("--namm", default=None,
+                   help="NAMM weights, a folder or either file (default: the shipped NAMM); 'none' to skip")
     p.add_argument("--dataset", default="builtin", choices=sorted(LOADERS))
     p.add_argument("--data", default=None, help="dataset folder (default for builtin: <out>/builtin-<split>)")
     p.add_argument("--split", default="heldout", choices=("train", "heldout"), help="built-in split")
@@ -70,7 +80,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=128, help="prefill chunk (namm-spec §1.3)")
     p.add_argument("--update-every", type=int, default=None, help="policy period (default: the NAMM's own)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=check_device, help="cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rule")
     p.add_argument("--out", default="results/video", help="results folder")
     return p
@@ -92,6 +102,24 @@ def _questions(args, out: Path) -> tuple[str, list[VideoQuestion]]:
     questions = load_video_dataset("builtin", folder, args.limit)
     name = f"builtin-{args.split}-F{'-'.join(map(str, lengths))}"
     return name, questions
+
+
+def _parts(args) -> Path | None:
+    """The embedded model's trained parts folder: ``--parts``, the shipped one by default, None for 'none' (and for
+    ``--model``, which brings its own vision tower)."""
+    if args.model is not None or (args.parts is not None and args.parts.lower() == "none"):
+        return None
+    if args.parts is not None:
+        if not Path(args.parts).is_dir():
+            raise FileNotFoundError(f"--parts {args.parts}: no such folder")
+        return Path(args.parts)
+    try:
+        return shipped_weights(SHIPPED_PARTS)
+    except ShippedWeightsError:
+        raise FileNotFoundError(
+            "no trained video parts are shipped (weights/video): train them with python -m namm_transfer.video.train "
+            "--out weights/video, or pass --parts none for an untrained vision tower"
+        ) from None
 
 
 def summarise(method: Method, questions: list[VideoQuestion], records: list[dict]) -> dict:
@@ -129,30 +157,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     ratios = _floats(args.ratios)
-    if args.model is None and args.parts.lower() != "none" and not Path(args.parts).is_dir():
-        raise FileNotFoundError(
-            f"no trained video parts at {args.parts}: train them with python -m namm_transfer.video.train "
-            "--out weights/video, or pass --parts none for an untrained vision tower"
-        )
-    from namm_transfer.namm.checkpoint import load_namm  # heavy imports after the arguments are known to be good
+    parts = _parts(args)
+    # heavy imports after the arguments are known to be good
     from namm_transfer.evals.report import RunFolder, format_table, plot_score_vs_memory, run_name
     from namm_transfer.video.evaluation import VideoEvaluator, load_video_model, mean_heat_map
     from namm_transfer.video.plots import plot_frame_retention
 
-    namm = None if args.namm.lower() == "none" or "namm" not in rules else load_namm(args.namm)
+    use_namm = "namm" in rules and (args.namm is None or args.namm.lower() != "none")
+    namm = load_namm_option(args.namm) if use_namm else None
     methods = comparison(rules, ratios, with_namm=namm is not None)
     if not methods:
         raise ValueError("no method to run: check --methods and --namm")
     cache = cache_config_for(None if namm is None else namm.config, args.update_every)
     out = Path(args.out)
     dataset, questions = _questions(args, out)
-    parts = None if args.parts.lower() == "none" else args.parts
-    loaded = load_video_model(args.model, parts, args.dtype, args.device)
+    loaded = load_video_model(args.model, parts, args.dtype, str(args.device))
     evaluator = VideoEvaluator(loaded, cache, args.chunk_size, args.frames)
     base_config = {
         "dataset": dataset, "model": loaded.name, "parts": None if args.model else parts,
         "items": [q.id for q in questions], "frames": args.frames, "cache": vars(cache),
-        "chunk_size": args.chunk_size, "dtype": args.dtype, "namm": None if namm is None else str(args.namm),
+        "chunk_size": args.chunk_size, "dtype": args.dtype,
+        "namm": None if namm is None else str(args.namm or "shipped"),
     }
     folders = {}
     for method in methods:
@@ -177,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               "failed": source["failed"]})
                     continue
                 retention = [RetentionRecord(*row) for row in source["retention"]]
-            policy = build_policy(method, namm, retention, seed=args.seed, device=args.device)
+            policy = build_policy(method, namm, retention, seed=args.seed, device=str(args.device))
             record = evaluator.run(question, policy)
             if method.rule != "namm":
                 record.pop("retention", None)

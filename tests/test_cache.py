@@ -119,6 +119,8 @@ def test_cache_config_validation_and_settled_schedule():
         CacheConfig(attention_dtype="float16")
     with pytest.raises(ValueError, match="attention_chunk"):
         CacheConfig(attention_chunk=0)
+    with pytest.raises(ValueError, match="layers_per_step"):
+        CacheConfig(layers_per_step=0)
     with pytest.raises(ValueError, match="managed_layers"):
         EvictingCache(None, 2, {2})
 

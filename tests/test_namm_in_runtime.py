@@ -146,6 +146,29 @@ def test_generate_with_a_namm_steps_on_schedule_and_protects_the_prompt_tail(tin
         assert tail <= set(layer.token_index[0, 0].tolist())
 
 
+def test_steps_of_all_layers_in_one_call_keep_what_per_layer_steps_keep(tiny_llama):
+    """The cache hands the NAMM every due layer at once (step_layers: layers stacked, padded to the longest); the
+    kept sets, counts, states and logits equal one step call per layer (issue 6, item 9)."""
+    torch.manual_seed(12)
+    ids = torch.randint(0, 128, (2, 256))
+    results, caches = [], []
+    for group in (1, 3):
+        policy = namm(torch.stack([evicting_params(3, bias=0.3), evicting_params(9)]))
+        policy.set_members(torch.tensor([0, 1]))
+        config = RunnerConfig(chunk_size=32, max_new_tokens=70,
+                              cache=CacheConfig(update_every=64, attention_dtype="float32", layers_per_step=group))
+        runner_ = EvictingRunner(adapter_for(tiny_llama), tiny_llama, policy, config)
+        results.append(runner_.generate(ids, return_logits=True))
+        caches.append(policy)
+    per_layer, together = results
+    assert len({r.slots_before for r in together.retention}) > 3  # layers held different counts at the steps
+    assert together.retention == per_layer.retention and together.kept_per_layer == per_layer.kept_per_layer
+    assert torch.equal(together.new_tokens, per_layer.new_tokens) and torch.equal(together.logits, per_layer.logits)
+    for layer in range(3):
+        a, b = (policy.layer_state(layer) for policy in caches)
+        assert torch.equal(a.ema, b.ema) and torch.equal(a.tail, b.tail)
+
+
 def test_population_members_batched_behave_as_each_member_alone(tiny_llama):
     torch.manual_seed(3)
     ids = torch.randint(0, 128, (1, 200))

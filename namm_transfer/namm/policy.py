@@ -125,14 +125,81 @@ class NammPolicy:
         self._states = [None] * num_layers
 
     def step(self, view: LayerView) -> KeepDecision:
-        """Features, scores and selection for one layer; gathers the layer's state with the kept indices.
+        """Features, scores and selection for one layer: :meth:`step_layers` with one view."""
+        return self.step_layers([view])[0]
 
-        ``view.attention()`` is (B, H, n_new, N) GQA-averaged attention (any float dtype, used in fp32).
-        State is reset at a sequence's first step (``view.step == 0``) or when the layer has none; old
-        slots are the first N - n_new and must match the state kept by the previous step.
+    def step_layers(self, views: list[LayerView]) -> list[KeepDecision]:
+        """Features, scores and selection for several layers at once; gathers each layer's state with its kept
+        indices.
+
+        The layers are stacked along the batch axis, each left-padded with invalid slots to the longest layer's
+        N, so the spectrogram, features and BAM run once for all of them (one set of kernel launches instead of
+        one per layer). A layer's padding lies before all its slots: the backward-masked BAM of a real slot only
+        sees newer slots, and selection runs per layer on the layer's own slots, so every layer keeps exactly
+        what :meth:`step` keeps for it alone.
+
+        ``view.attention()`` is (B, H, n_new, N) GQA-averaged attention (any float dtype, used in fp32); every
+        view has the same n_new. State is reset at a sequence's first step (``view.step == 0``) or when the
+        layer has none; old slots are the first N - n_new and must match the state kept by the previous step.
         """
         if self._states is None:
             raise ValueError("NammPolicy.step called before begin()")
+        if len({view.n_new for view in views}) != 1 or len({view.layer for view in views}) != len(views):
+            raise ValueError("step_layers needs distinct layers with the same n_new")
+        attentions, previous = [], []
+        for view in views:
+            attentions.append(self._checked_attention(view))
+            state = None if view.step == 0 else self._states[view.layer]
+            old = (view.batch_size, view.num_heads, view.num_slots - view.n_new)
+            previous.append(state if state is not None else SpectralState(
+                ema=attentions[-1].new_zeros(*old, self.config.spectrogram_bins, dtype=torch.float32),
+                tail=attentions[-1].new_zeros(*old, self.config.n_fft - self.config.hop, dtype=torch.float32),
+            ))
+        width = max(view.num_slots for view in views)
+        pads = [width - view.num_slots for view in views]
+
+        def stacked(parts: list[torch.Tensor]) -> torch.Tensor:  # (L * B, H, width, ...)
+            return torch.cat([_left_pad(t, pad) for t, pad in zip(parts, pads)], dim=0)
+
+        prior = SpectralState(ema=stacked([p.ema.float() for p in previous]),
+                              tail=stacked([p.tail.float() for p in previous]))
+        attention = stacked([a.float().transpose(-1, -2) for a in attentions]).transpose(-1, -2)  # slots last
+        state = spectral_ema_step(attention, prior, self.config)
+        rows = [slice(i * self._batch_size, (i + 1) * self._batch_size) for i in range(len(views))]
+        own = [SpectralState(ema=state.ema[r, :, pad:], tail=state.tail[r, :, pad:]) for r, pad in zip(rows, pads)]
+
+        if self.accumulator is not None:
+            decisions = []
+            for view, layer_state in zip(views, own):
+                self.accumulator.update(layer_state.ema, view.valid)
+                indices = torch.arange(view.num_slots, device=state.ema.device).expand_as(view.valid)
+                decisions.append(KeepDecision(indices=indices))
+        else:
+            valid = stacked([view.valid for view in views])
+            token_index = stacked([view.token_index for view in views])
+            features = token_features(state, token_index, self.stats, self.config)
+            member = self._member
+            if member is None:
+                member = torch.zeros(self._batch_size, dtype=torch.int64)
+            elif member.shape != (self._batch_size,):
+                raise ValueError(f"set_members gave {member.shape[0]} rows, the view has {self._batch_size}")
+            scores = bam_scores(features, self.params, member.repeat(len(views)), self.config, valid)
+            lengths = [view.prompt_length for view in views]
+            protected = protected_slots(
+                token_index, valid, None if lengths[0] is None else torch.cat(lengths),
+                self.config.protect_sink, self.config.protect_prompt_tail,
+            )
+            decisions = [
+                select_tokens(scores[r, :, pad:], view.valid, self.config.threshold,
+                              None if protected is None else protected[r, :, pad:], self.config.cache_cap)
+                for view, r, pad in zip(views, rows, pads)
+            ]
+        for view, layer_state, decision in zip(views, own, decisions):
+            self._states[view.layer] = layer_state.gather(decision.indices, EMA_STATE_DTYPE, self._tail_dtype)
+        return decisions
+
+    def _checked_attention(self, view: LayerView) -> torch.Tensor:
+        """``view.attention()`` after checking the view against ``begin`` ((B, H, n_new, N))."""
         if not 0 <= view.layer < len(self._states):
             raise ValueError(f"layer {view.layer} is outside the {len(self._states)} layers given to begin()")
         batch, heads, slots = view.batch_size, view.num_heads, view.num_slots
@@ -144,29 +211,11 @@ class NammPolicy:
                 f"attention must be (B, H, n_new, N) = {(batch, heads, view.n_new, slots)}, "
                 f"got {tuple(attention.shape)}"
             )
-        previous = None if view.step == 0 else self._states[view.layer]
-        state = spectral_ema_step(attention, previous, self.config)
+        return attention
 
-        if self.accumulator is not None:
-            self.accumulator.update(state.ema, view.valid)
-            indices = torch.arange(slots, device=attention.device).expand(batch, heads, slots)
-            self._states[view.layer] = state.gather(indices, EMA_STATE_DTYPE, self._tail_dtype)
-            return KeepDecision(indices=indices)
 
-        member = self._member
-        if member is None:
-            member = torch.zeros(batch, dtype=torch.int64)
-        elif member.shape != (batch,):
-            raise ValueError(f"set_members gave {member.shape[0]} rows, the view has {batch}")
-        features = token_features(state, view.token_index, self.stats, self.config)
-        scores = bam_scores(features, self.params, member, self.config, view.valid)
-        protected = protected_slots(
-            view.token_index,
-            view.valid,
-            view.prompt_length,
-            self.config.protect_sink,
-            self.config.protect_prompt_tail,
-        )
-        decision = select_tokens(scores, view.valid, self.config.threshold, protected, self.config.cache_cap)
-        self._states[view.layer] = state.gather(decision.indices, EMA_STATE_DTYPE, self._tail_dtype)
-        return decision
+def _left_pad(tensor: torch.Tensor, pad: int) -> torch.Tensor:
+    """``tensor`` (B, H, N, ...) with ``pad`` zero (False) slots before its first slot along dim 2."""
+    if pad == 0:
+        return tensor
+    return torch.cat([tensor.new_zeros(*tensor.shape[:2], pad, *tensor.shape[3:]), tensor], dim=2)

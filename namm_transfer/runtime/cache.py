@@ -62,11 +62,14 @@ class CacheConfig:
             policy's declared numerics; None: the policy's, or "bfloat16".
         attention_chunk: recent queries per matmul block when the attention rows are recomputed on the torch path;
             bounds the step's memory to (B, Hq, attention_chunk, N) fp32 logits.
+        layers_per_step: at most this many layers whose steps are due together go to a policy that offers
+            ``step_layers`` (the NAMM) in one call; its workspace grows with it, its kernel launches shrink by it.
     """
 
     update_every: int | None = None
     attention_dtype: str | None = None
     attention_chunk: int = 128
+    layers_per_step: int = 8
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,6 +79,8 @@ class CacheConfig:
             problems.append(f"attention_dtype must be None or one of {', '.join(NUMERICS)}, got {self.attention_dtype!r}")
         if self.attention_chunk < 1:
             problems.append(f"attention_chunk must be >= 1, got {self.attention_chunk}")
+        if self.layers_per_step < 1:
+            problems.append(f"layers_per_step must be >= 1, got {self.layers_per_step}")
         if problems:
             raise ValueError("invalid CacheConfig: " + "; ".join(problems))
 
@@ -202,10 +207,13 @@ class EvictingCache(Cache):
         return keys, values
 
     def flush(self) -> None:
-        """Run every policy step that is due now (instead of at the next forward)."""
-        for layer in self.layers:
-            if layer.step_due:
-                self._step(layer)
+        """Run every policy step that is due now (instead of at the next forward). A policy offering
+        ``step_layers(views)`` gets up to ``config.layers_per_step`` layers per call: the eviction of a layer
+        affects only that layer's later forwards, so its steps may run together."""
+        due = [layer for layer in self.layers if layer.step_due]
+        group = self.config.layers_per_step if hasattr(self.policy, "step_layers") else 1
+        for start in range(0, len(due), group):
+            self._step(*due[start : start + group])
 
     def kv_bytes(self) -> int:
         """Exact bytes of the physical keys and values held now by all layers (managed or not)."""
@@ -272,10 +280,22 @@ class EvictingCache(Cache):
             return declared if told is None else told.to(device)
         return declared & told.to(device)
 
-    def _step(self, layer: EvictingLayer) -> None:
-        """Show ``layer`` to the policy, keep what it decides, log it. Bytes are measured before (the query buffer is
-        full then) and after."""
+    def _step(self, *layers: EvictingLayer) -> None:
+        """Show ``layers`` to the policy (one ``step`` call, or one ``step_layers`` call for several), keep what it
+        decides, log it. Bytes are measured before (the query buffers are full then) and after."""
         self._track_peaks()
+        views = [self._view(layer) for layer in layers]
+        decisions = [self.policy.step(views[0])] if len(views) == 1 else self.policy.step_layers(views)
+        for layer, view, decision in zip(layers, views, decisions):
+            _check_decision(decision, view.token_index.shape, layer.layer_idx)
+            record = RetentionRecord(layer.steps, layer.layer_idx, view.num_slots, decision.kept, layer.tokens_seen)
+            self.retention.append(record)
+            visible = None if decision.visible is None else decision.visible.to(layer.device)
+            layer.keep(decision.indices.to(layer.device), visible)
+        self._track_peaks()
+
+    def _view(self, layer: EvictingLayer) -> LayerView:
+        """The policy's view of a layer whose step is due."""
         n_new = layer.pending
         if layer.collect_queries and (layer.queries is None or layer.queries.shape[2] != n_new):
             buffered = 0 if layer.queries is None else layer.queries.shape[2]
@@ -296,18 +316,10 @@ class EvictingCache(Cache):
                 self.numerics, self.config.attention_chunk, window,
             )
 
-        prompt_length = self._prompt_length.to(layer.device)
-        view = LayerView(
+        return LayerView(
             layer=layer.layer_idx, step=layer.steps, token_index=token_index, valid=valid, n_new=n_new, keys=keys,
-            attention_fn=attention_fn, prompt_length=prompt_length,
+            attention_fn=attention_fn, prompt_length=self._prompt_length.to(layer.device),
         )
-        decision = self.policy.step(view)
-        _check_decision(decision, token_index.shape, layer.layer_idx)
-        record = RetentionRecord(layer.steps, layer.layer_idx, num_slots, decision.kept, layer.tokens_seen)
-        self.retention.append(record)
-        visible = None if decision.visible is None else decision.visible.to(layer.device)
-        layer.keep(decision.indices.to(layer.device), visible)
-        self._track_peaks()
 
     def _refuse(self, operation: str):
         raise ValueError(f"EvictingCache does not support {operation} (greedy decoding of whole batches only)")

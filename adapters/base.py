@@ -12,7 +12,7 @@ An adapter tells the evicting runtime (``namm_transfer.runtime``) four things ab
 4. how to run one forward chunk from token ids *or* input embeddings, with explicit position ids and the cache
    (:meth:`Adapter.forward_chunk`). Nothing assumes token ids or RoPE: a video adapter feeds embeddings it built
    from frames, the Decision Transformer feeds (R, s, a) embeddings with all-zero position ids; the cache counts
-   arrivals itself (``EvictingLayer.token_index``).
+   arrivals itself (``EvictingLayer.arrival``).
 
 Adapters register under the ``model.config.model_type`` values they serve (:func:`register_adapter`) and are found
 with :func:`adapter_for`.

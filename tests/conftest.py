@@ -31,8 +31,8 @@ class FullPolicy:
 
     def step(self, view: LayerView) -> KeepDecision:
         self.views.append(view)
-        b, h, n = view.token_index.shape
-        return KeepDecision(torch.arange(n, device=view.token_index.device).expand(b, h, n).clone())
+        b, h, n = view.arrival.shape
+        return KeepDecision(torch.arange(n, device=view.arrival.device).expand(b, h, n).clone())
 
 
 class LowestPolicy:
@@ -49,10 +49,10 @@ class LowestPolicy:
         self.calls.clear()
 
     def step(self, view: LayerView) -> KeepDecision:
-        b, h, n = view.token_index.shape
+        b, h, n = view.arrival.shape
         k = min(self.keep[view.layer], n)
         # rank valid slots first, then by arrival; the newest slot ranks last and is forced in
-        rank = (~view.valid).long() * n + torch.arange(n, device=view.valid.device)
+        rank = (~view.attendable).long() * n + torch.arange(n, device=view.attendable.device)
         rank[..., -1] = 3 * n
         order = torch.argsort(rank, dim=-1)
         chosen = torch.cat([order[..., : k - 1], torch.full_like(order[..., :1], n - 1)], dim=-1)
@@ -103,13 +103,13 @@ def masked_twin():
     def build(full: EvictingCache, evicted: EvictingCache) -> EvictingCache:
         twin = EvictingCache(None, len(full.layers), full.managed_layers, full.config)
         for src, kept, dst in zip(full.layers, evicted.layers, twin.layers):
-            survives = (src.token_index[..., :, None] == kept.token_index[..., None, :]).any(-1)
+            survives = (src.arrival[..., :, None] == kept.arrival[..., None, :]).any(-1)
             dst.lazy_initialization(src.keys, src.values)
             dst.keys = src.keys.clone()
             dst.values = src.values.masked_fill(~survives[..., None], POISON)
-            dst.valid = src.valid & survives
+            dst.attendable = src.attendable & survives
             dst.has_invalid = True
-            dst.token_index = src.token_index.clone()
+            dst.arrival = src.arrival.clone()
             dst.tokens_seen = src.tokens_seen
         return twin
 

@@ -41,7 +41,7 @@ def run(policy, *, steps=4, batch=2, heads=3, n_new=8, dim=4, pad=0, seed=0, lay
         keys = torch.cat([keys, torch.randn(batch, heads, n_new, dim, generator=generator)], dim=-2)
         valid = torch.cat([valid, new_valid], dim=-1)
         attention = random_attention(valid, n_new, generator)
-        view = LayerView(layer=layer, step=step, token_index=token_index, valid=valid, n_new=n_new, keys=keys,
+        view = LayerView(layer=layer, step=step, arrival=token_index, attendable=valid, n_new=n_new, keys=keys,
                          attention_fn=lambda a=attention: a)
         decision = policy.step(view)
         yield view, decision
@@ -70,7 +70,7 @@ def test_every_baseline_hits_its_budget_keeps_newest_and_sorts(policy_name, budg
     budget = BUDGETS[budget_name]()
     policy = POLICIES[policy_name](budget)
     for view, decision in run(policy, pad=3):
-        b, h, n = view.token_index.shape
+        b, h, n = view.arrival.shape
         k = budget.tokens(view)
         assert decision.indices.shape == (b, h, k) and decision.indices.dtype == torch.int64
         if budget_name == "matched":
@@ -78,8 +78,8 @@ def test_every_baseline_hits_its_budget_keeps_newest_and_sorts(policy_name, budg
         assert (decision.indices.diff(dim=-1) > 0).all()
         assert (decision.indices[..., -1] == n - 1).all()
         # padding only fills what the real tokens cannot
-        kept_valid = view.valid.gather(-1, decision.indices).sum(-1)
-        assert torch.equal(kept_valid, view.valid.sum(-1).clamp(max=k))
+        kept_valid = view.attendable.gather(-1, decision.indices).sum(-1)
+        assert torch.equal(kept_valid, view.attendable.sum(-1).clamp(max=k))
 
 
 def test_matched_budget_from_a_retention_log_reproduces_the_counts():
@@ -96,18 +96,18 @@ def test_h2o_matches_a_reference_of_accumulated_attention_per_token():
     totals = defaultdict(float)  # (row, head, token) -> attention summed over every query so far
     for view, decision in run(H2OPolicy(budget), steps=5, batch=2, heads=2, n_new=8, seed=7):
         attention = view.attention().double().sum(dim=2)
-        b, h, n = view.token_index.shape
+        b, h, n = view.arrival.shape
         k = budget.tokens(view)
         recent = k // 2
         for row in range(b):
             for head in range(h):
-                tokens = view.token_index[row, head].tolist()
+                tokens = view.arrival[row, head].tolist()
                 for slot, token in enumerate(tokens):
                     totals[row, head, token] += attention[row, head, slot].item()
                 forced = set(tokens[n - max(recent, 1):])
                 rest = sorted(set(tokens) - forced, key=lambda t: -totals[row, head, t])
                 expected = sorted(forced | set(rest[: k - len(forced)]))
-                kept = view.token_index[row, head, decision.indices[row, head]].tolist()
+                kept = view.arrival[row, head, decision.indices[row, head]].tolist()
                 assert kept == expected, (view.step, row, head)
 
 
@@ -172,10 +172,10 @@ def test_l2_keeps_the_lowest_norm_keys_and_the_newest():
 def test_recency_keeps_sinks_and_the_most_recent_window():
     budget = FixedRatioBudget(0.75)
     for view, decision in run(RecencyPolicy(budget, sink=4), steps=4, n_new=8):
-        seen = int(view.token_index.max()) + 1
+        seen = int(view.arrival.max()) + 1
         k = budget.tokens(view)
         expected = list(range(4)) + list(range(seen - (k - 4), seen))
-        kept = view.token_index.gather(-1, decision.indices)
+        kept = view.arrival.gather(-1, decision.indices)
         assert (kept == torch.tensor(expected)).all(), view.step
 
 
@@ -185,7 +185,7 @@ def test_recency_sinks_skip_left_padding_and_small_budgets_keep_the_earliest_sin
         for row, first_real in ((0, [3, 4]), (1, [0, 1])):  # row 0 starts with 3 padding tokens
             for head in range(view.num_heads):
                 slots = decision.indices[row, head]
-                real = view.token_index[row, head, slots][view.valid[row, head, slots]]
+                real = view.arrival[row, head, slots][view.attendable[row, head, slots]]
                 assert real[:2].tolist() == first_real, (view.step, row, head)
     view, decision = next(run(RecencyPolicy(MatchedBudget({(0, 0): 3}), sink=4), steps=1))
     assert (decision.indices == torch.tensor([0, 1, 7])).all()
@@ -205,7 +205,7 @@ def test_random_is_deterministic_per_seed_and_differs_across_seeds_and_layers():
 
 def test_full_cache_keeps_every_slot():
     for view, decision in run(FullCachePolicy(), steps=3, pad=2):
-        b, h, n = view.token_index.shape
+        b, h, n = view.arrival.shape
         assert torch.equal(decision.indices, torch.arange(n).expand(b, h, n))
     assert view.num_slots == 24
 

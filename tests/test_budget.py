@@ -14,7 +14,7 @@ def view_of(token_index: list[int], *, step: int = 0, layer: int = 0, batch: int
     index = torch.tensor(token_index, dtype=torch.int64).expand(batch, heads, -1).contiguous()
     n = index.shape[-1]
     return LayerView(
-        layer=layer, step=step, token_index=index, valid=torch.ones(batch, heads, n, dtype=torch.bool),
+        layer=layer, step=step, arrival=index, attendable=torch.ones(batch, heads, n, dtype=torch.bool),
         n_new=min(4, n), keys=torch.zeros(batch, heads, n, 2), attention_fn=lambda: torch.zeros(0),
     )
 

@@ -60,7 +60,7 @@ class DropOddPolicy:
 
     def step(self, view):
         self.views.append(view)
-        keep = (view.token_index[0, 0] % 2 == 0).clone()
+        keep = (view.arrival[0, 0] % 2 == 0).clone()
         keep[-1] = True
         idx = keep.nonzero().flatten()
         return KeepDecision(idx.expand(view.batch_size, view.num_heads, -1).clone())
@@ -76,8 +76,8 @@ class HeadwisePolicy:
         pass
 
     def step(self, view):
-        b, h, n = view.token_index.shape
-        want = torch.stack([(view.token_index[:, i] % (i + 2)) != 1 for i in range(h)], dim=1)
+        b, h, n = view.arrival.shape
+        want = torch.stack([(view.arrival[:, i] % (i + 2)) != 1 for i in range(h)], dim=1)
         want[..., -1] = True
         k = int(want.sum(-1).max())
         rank = (~want).long() * n + torch.arange(n)
@@ -133,8 +133,8 @@ def test_update_tracks_arrivals_lengths_and_exact_bytes():
             feed(cache, layer, n)
     layer = cache.layers[0]
     assert cache.get_seq_length() == 8
-    assert torch.equal(layer.token_index, torch.arange(8).expand(B, H, 8))
-    assert layer.valid.all()
+    assert torch.equal(layer.arrival, torch.arange(8).expand(B, H, 8))
+    assert layer.attendable.all()
     assert cache.kept_per_layer() == [8, 8]
     assert cache.kv_bytes() == 2 * (2 * B * H * 8 * D * 4)
     assert cache.kv_bytes_peak == cache.kv_bytes()
@@ -154,12 +154,12 @@ def test_step_runs_lazily_at_the_next_update_and_gathers():
     assert (view.step, view.n_new, view.num_slots, view.layer) == (0, 4, 4, 0)
     assert cache.retention == [RetentionRecord(step=0, layer=0, slots_before=4, kept=3, tokens_seen=4)]
     layer = cache.layers[0]
-    assert torch.equal(layer.token_index[0, 0], torch.tensor([0, 2, 3, 4]))
+    assert torch.equal(layer.arrival[0, 0], torch.tensor([0, 2, 3, 4]))
     assert torch.equal(layer.keys[:, :, :3], keys_before[:, :, [0, 2, 3]])
     feed(cache, 0, 3)
     cache.flush()
     assert [v.n_new for v in policy.views] == [4, 4] and policy.views[1].step == 1
-    assert torch.equal(layer.token_index[0, 0], torch.tensor([0, 2, 4, 6, 7]))
+    assert torch.equal(layer.arrival[0, 0], torch.tensor([0, 2, 4, 6, 7]))
     assert layer.pending == 0 and layer.queries is None
 
 
@@ -172,10 +172,10 @@ def test_a_chunk_crossing_period_boundaries_steps_at_each_boundary():
     out = feed(cache, 0, 10)
     assert out.shape == (B, HQ, 10, D) and torch.isfinite(out).all()
     assert [v.n_new for v in policy.views] == [4, 4]
-    assert [v.token_index[0, 0].tolist() for v in policy.views] == [[0, 1, 2, 3], [0, 2, 3, 4, 5, 6, 7]]
+    assert [v.arrival[0, 0].tolist() for v in policy.views] == [[0, 1, 2, 3], [0, 2, 3, 4, 5, 6, 7]]
     assert cache.retention == [RetentionRecord(0, 0, 4, 3, 4), RetentionRecord(1, 0, 7, 5, 8)]
     layer = cache.layers[0]
-    assert layer.token_index[0, 0].tolist() == [0, 2, 4, 6, 7, 8, 9] and layer.pending == 2 and layer.incoming is None
+    assert layer.arrival[0, 0].tolist() == [0, 2, 4, 6, 7, 8, 9] and layer.pending == 2 and layer.incoming is None
     assert layer.queries.shape == (B, HQ, 2, D)
 
 
@@ -218,7 +218,7 @@ def test_policy_bytes_count_every_byte_the_method_adds():
     slots = B * H * 3
     assert cache.kv_bytes() == 2 * slots * D * 4
     assert cache.policy_bytes() == slots * (1 + 4) + B * HQ * 3 * D * 4 + 100
-    assert cache.layers[0].token_index.dtype == torch.int32
+    assert cache.layers[0].arrival.dtype == torch.int32
     feed(cache, 0, 1)
     cache.flush()  # step at 4: keeps 0, 2, 3; the query buffer is emptied
     assert cache.policy_bytes() == B * H * 3 * (1 + 4) + 100
@@ -241,8 +241,8 @@ def test_begin_marks_left_padding_invalid_and_validates():
     feed(cache, 0, 3)
     feed(cache, 0, 3)
     layer = cache.layers[0]  # the second chunk crossed the boundary at 4 tokens: slot 1 was evicted there
-    assert layer.token_index[0, 0].tolist() == [0, 2, 3, 4, 5]
-    assert layer.valid[0, :, 0].eq(False).all() and layer.valid[0, :, 1:].all() and layer.valid[1].all()
+    assert layer.arrival[0, 0].tolist() == [0, 2, 3, 4, 5]
+    assert layer.attendable[0, :, 0].eq(False).all() and layer.attendable[0, :, 1:].all() and layer.attendable[1].all()
     cache.flush()
     assert torch.equal(policy.views[0].prompt_length, torch.tensor([5, 5]))
     with pytest.raises(ValueError, match="left-padded"):
@@ -274,8 +274,8 @@ def test_recent_attention_matches_a_dense_reference(dtype):
     cache.flush()
     view, queries, got = seen[1]  # second step: cache pruned per head, padding present
     n_new, n = view.n_new, view.num_slots
-    visible = dense_visible(view.token_index, view.valid, torch.arange(12 - n_new, 12))
-    visible &= view.valid[:, :, n - n_new :, None]  # padding queries see nothing
+    visible = dense_visible(view.arrival, view.attendable, torch.arange(12 - n_new, 12))
+    visible &= view.attendable[:, :, n - n_new :, None]  # padding queries see nothing
     # reference: per query head softmax over visible slots, rounded, averaged per KV head in that dtype
     logits = torch.einsum("bhqd,bhnd->bhqn", queries, view.keys.repeat_interleave(HQ // H, dim=1)) * SCALE
     mask = visible.repeat_interleave(HQ // H, dim=1)
@@ -286,7 +286,7 @@ def test_recent_attention_matches_a_dense_reference(dtype):
     torch.testing.assert_close(got.float(), ref, atol=1e-6 if dtype == "float32" else 8e-3, rtol=0)
     assert (got[~visible] == 0).all()
     row_sums = got.float().sum(-1)
-    real_rows = view.valid[:, :, n - n_new :]
+    real_rows = view.attendable[:, :, n - n_new :]
     torch.testing.assert_close(row_sums[real_rows], torch.ones(int(real_rows.sum())), atol=2e-2, rtol=0)
     assert (row_sums[~real_rows] == 0).all()
 
@@ -303,12 +303,12 @@ def test_evicting_attention_matches_dense_reference_on_a_ragged_cache(padded, wi
     feed(cache, 0, 6)
     feed(cache, 0, 1)  # step 0 runs here (ragged per head)
     layer = cache.layers[0]
-    assert not torch.equal(layer.token_index[:, 0], layer.token_index[:, 1]) and layer.has_invalid == padded
+    assert not torch.equal(layer.arrival[:, 0], layer.arrival[:, 1]) and layer.has_invalid == padded
     keys, values = cache.update(torch.randn(B, H, q_len, D), torch.randn(B, H, q_len, D), 0)
     query = torch.randn(B, HQ, q_len, D)
     got = evicting_attention(layer, query, keys, values, SCALE, sliding_window=window)
     query_index = torch.arange(7, 7 + q_len)
-    visible = dense_visible(layer.token_index, layer.valid, query_index, window=window)
+    visible = dense_visible(layer.arrival, layer.attendable, query_index, window=window)
     for b in range(B):
         for hq in range(HQ):
             h = hq // (HQ // H)
@@ -316,7 +316,7 @@ def test_evicting_attention_matches_dense_reference_on_a_ragged_cache(padded, wi
                 sel = visible[b, h, i]
                 weights = torch.softmax((keys[b, h, sel] @ query[b, hq, i]) * SCALE, dim=0)
                 torch.testing.assert_close(got[b, hq, i], weights @ values[b, h, sel], atol=1e-5, rtol=0)
-    torch.testing.assert_close(visibility_mask(layer.token_index, layer.valid, query_index, window), visible)
+    torch.testing.assert_close(visibility_mask(layer.arrival, layer.attendable, query_index, window), visible)
 
 
 def test_padding_query_rows_are_zero_and_finite():
@@ -357,12 +357,12 @@ def test_slots_kept_invisible_are_masked_like_padding():
     feed(cache, 0, 4)
     cache.flush()
     layer = cache.layers[0]
-    assert torch.equal(layer.valid, visible) and layer.has_invalid
+    assert torch.equal(layer.attendable, visible) and layer.has_invalid
     layer.values[0, :, 1] = 1.0e6  # poison the invisible slot
     keys, values = cache.update(torch.randn(B, H, 2, D), torch.randn(B, H, 2, D), 0)
     query = torch.randn(B, HQ, 2, D)
     got = evicting_attention(layer, query, keys, values, SCALE)
-    visible_slots = dense_visible(layer.token_index, layer.valid, torch.arange(4, 6))
+    visible_slots = dense_visible(layer.arrival, layer.attendable, torch.arange(4, 6))
     for b in range(B):
         for hq in range(HQ):
             for i in range(2):
@@ -387,7 +387,7 @@ def test_unmanaged_sliding_layer_is_never_stepped_and_holds_its_window():
     unmanaged = cache.layers[1]
     assert {r.layer for r in cache.retention} == {0} and unmanaged.queries is None
     # before the last chunk it was trimmed to window - 1 = 3 old tokens (6, 7, 8), then the chunk 9..11 arrived
-    assert torch.equal(unmanaged.token_index, torch.arange(6, 12).expand(B, H, 6))
+    assert torch.equal(unmanaged.arrival, torch.arange(6, 12).expand(B, H, 6))
 
 
 def test_active_layer_marker_and_sdpa_fallback():

@@ -146,7 +146,7 @@ def test_evicted_tokens_are_never_attended(policies, masked_twin):
             adapter.forward_chunk(model, cache, input_ids=ids[:, start : start + 8], position_ids=zeros)
     evicted.flush()
     assert evicted.kept_per_layer() == [10, 10]
-    assert not torch.equal(evicted.layers[0].token_index[0, 0], evicted.layers[0].token_index[0, 1])
+    assert not torch.equal(evicted.layers[0].arrival[0, 0], evicted.layers[0].arrival[0, 1])
     twin = masked_twin(full, evicted)
     outputs = []
     for cache in (evicted, twin, full):

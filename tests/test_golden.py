@@ -47,8 +47,8 @@ def test_kept_positions_match_official(golden, vector):
         view = LayerView(
             layer=0,
             step=step,
-            token_index=token_index,
-            valid=torch.ones_like(token_index, dtype=torch.bool),
+            arrival=token_index,
+            attendable=torch.ones_like(token_index, dtype=torch.bool),
             n_new=n_new,
             keys=torch.zeros(1, kv_heads, token_index.shape[-1], 1),
             attention_fn=lambda averaged=averaged: averaged,

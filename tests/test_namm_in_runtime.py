@@ -75,10 +75,10 @@ def test_an_evicting_namm_never_attends_to_evicted_tokens_again(tiny_llama):
             evicted.flush()
             kept = [layer.num_slots for layer in evicted.layers]
             assert all(k < 256 for k in kept) and len(set(kept)) > 1  # it evicts, and layers differ
-            positions_before = [layer.token_index.clone() for layer in evicted.layers]
+            positions_before = [layer.arrival.clone() for layer in evicted.layers]
             reference = DynamicCache()
             for i, layer in enumerate(evicted.layers):
-                assert layer.valid.all()  # NAMM fillers stay visible (namm-spec §4)
+                assert layer.attendable.all()  # NAMM fillers stay visible (namm-spec §4)
                 reference.update(layer.keys.clone(), layer.values.clone(), i)
             got = decode_forced(adapter, tiny_llama, evicted, follow, 256)
     finally:
@@ -88,7 +88,7 @@ def test_an_evicting_namm_never_attends_to_evicted_tokens_again(tiny_llama):
                           **{cache_argument(tiny_llama): reference}).logits[:, -1] for t in range(follow.shape[1])]
     torch.testing.assert_close(got, torch.stack(ref, dim=1), atol=1e-5, rtol=0)
     for before, layer in zip(positions_before, evicted.layers):  # kept tokens keep their arrival index
-        assert torch.equal(layer.token_index[..., : before.shape[-1]], before)
+        assert torch.equal(layer.arrival[..., : before.shape[-1]], before)
 
 
 def test_matched_budget_baselines_reproduce_the_namm_counts(tiny_llama):
@@ -143,7 +143,7 @@ def test_generate_with_a_namm_steps_on_schedule_and_protects_the_prompt_tail(tin
     assert {r.tokens_seen for r in cache.retention} == set(range(16, length + 20, 16))
     tail = set(range(length - 8, length))
     for layer in cache.layers:
-        assert tail <= set(layer.token_index[0, 0].tolist())
+        assert tail <= set(layer.arrival[0, 0].tolist())
 
 
 def test_steps_of_all_layers_in_one_call_keep_what_per_layer_steps_keep(tiny_llama):

@@ -77,7 +77,7 @@ def test_full_budget_runner_equals_the_plain_model(tiny_llama, policies, use_pol
     if use_policy:
         # the paper's schedule: a step at every multiple of 64 tokens, each over exactly 64 new queries
         assert [v.n_new for v in policy.views] == [64] * 15
-        assert [int(v.token_index.max()) + 1 for v in policy.views] == [64] * 3 + [128] * 3 + [192] * 3 + [
+        assert [int(v.arrival.max()) + 1 for v in policy.views] == [64] * 3 + [128] * 3 + [192] * 3 + [
             256
         ] * 3 + [320] * 3
         assert [(r.step, r.layer) for r in result.retention] == [(s, l) for s in range(5) for l in range(3)]
@@ -102,7 +102,7 @@ def test_after_eviction_outputs_equal_attention_over_kept_tokens_only(tiny_llama
         prefill(adapter, tiny_llama, full, ids, chunk=16, every=32)
         evicted.flush()
         assert evicted.kept_per_layer() == [12, 12, 12]
-        layer0 = evicted.layers[0].token_index
+        layer0 = evicted.layers[0].arrival
         assert not torch.equal(layer0[:, 0], layer0[:, 1])  # heads keep different tokens
         twin = masked_twin(full, evicted)
         got = decode_forced(adapter, tiny_llama, evicted, forced, 32)
@@ -155,8 +155,8 @@ def test_kept_tokens_keep_their_arrival_index_and_layers_differ_in_length(tiny_l
         if view.layer in last:
             old_index, old_decision = last[view.layer]
             kept = old_decision.indices.shape[-1]
-            assert torch.equal(view.token_index[..., :kept], old_index.gather(2, old_decision.indices))
-        last[view.layer] = (view.token_index, decision)
+            assert torch.equal(view.arrival[..., :kept], old_index.gather(2, old_decision.indices))
+        last[view.layer] = (view.arrival, decision)
         assert view.n_new == 64
     assert [(r.layer, r.kept) for r in result.retention[:3]] == [(0, 8), (1, 16), (2, 24)]
     tail = result.tokens_seen - 320  # tokens since the last step (at 320)
@@ -215,8 +215,8 @@ def test_padding_slots_are_never_attended(tiny_llama):
         before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
         clean = decode_forced(adapter, tiny_llama, cache, token, 12)
         for layer, (keys, values) in zip(cache.layers, before):  # roll back, then poison the padding
-            layer.keys, layer.values = keys, values.masked_fill(~layer.valid[:, :, :12, None], POISON)
-            layer.valid, layer.token_index, layer.tokens_seen = layer.valid[:, :, :12], layer.token_index[:, :, :12], 12
+            layer.keys, layer.values = keys, values.masked_fill(~layer.attendable[:, :, :12, None], POISON)
+            layer.attendable, layer.arrival, layer.tokens_seen = layer.attendable[:, :, :12], layer.arrival[:, :, :12], 12
         poisoned = decode_forced(adapter, tiny_llama, cache, token, 12)
     finally:
         restore()
@@ -286,7 +286,7 @@ def test_hf_generate_reads_left_padding_from_the_attention_mask(tiny_llama):
     assert torch.equal(got.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(reference.logits), atol=1e-5, rtol=0)
     layer = cache.layers[0]
-    assert layer.valid[0, :, :7].eq(False).all() and layer.valid[0, :, 7:].all() and layer.valid[1].all()
+    assert layer.attendable[0, :, :7].eq(False).all() and layer.attendable[0, :, 7:].all() and layer.attendable[1].all()
 
 
 def test_peak_and_final_kv_bytes_are_exact(tiny_llama, policies):

@@ -4,7 +4,7 @@ ARCHITECTURE.md ("Budgets and fair comparisons") compares the NAMM against these
 per-layer memory. Each rule keeps exactly ``budget.tokens(view)`` slots for every (row, KV head) of a layer
 (the same K everywhere, as the runtime's dense cache needs, namm-spec.md §1.4), returns indices in
 ascending (chronological) order, always keeps the newest slot (as NAMM does, namm-spec.md §4) and picks
-padding slots (``view.valid`` False) only when the real tokens do not fill the budget.
+padding slots (``view.attendable`` False) only when the real tokens do not fill the budget.
 
 * :class:`H2OPolicy`: accumulated attention + a recent window (Zhang et al., 2023, "H2O: Heavy-Hitter
   Oracle for Efficient Generative Inference of Large Language Models", arXiv:2306.14048).
@@ -73,7 +73,7 @@ class H2OPolicy:
         return sum(t.numel() * t.element_size() for t in self._totals.values())
 
     def step(self, view: LayerView) -> KeepDecision:
-        b, h, n = view.token_index.shape
+        b, h, n = view.arrival.shape
         attention = view.attention()
         if attention.dim() != 4 or attention.shape[:2] != (b, h) or attention.shape[-1] != n:
             raise ValueError(f"H2O needs attention of shape ({b}, {h}, Q, {n}), got {tuple(attention.shape)}")
@@ -96,7 +96,7 @@ class H2OPolicy:
         totals = torch.cat([carried, new], dim=-1) + attention.float().sum(dim=2)
         k = self.budget.tokens(view)
         recent = _recent_window(n, int(self.recent_fraction * k), totals)
-        decision = keep_top(totals, k, view.valid, forced=recent)
+        decision = keep_top(totals, k, view.attendable, forced=recent)
         self._totals[view.layer] = totals.gather(-1, decision.indices)
         return decision
 
@@ -118,12 +118,12 @@ class L2NormPolicy:
         """Stateless: nothing to reset."""
 
     def step(self, view: LayerView) -> KeepDecision:
-        if view.keys.dim() != 4 or view.keys.shape[:3] != view.token_index.shape:
+        if view.keys.dim() != 4 or view.keys.shape[:3] != view.arrival.shape:
             raise ValueError(
-                f"L2 needs keys of shape {tuple(view.token_index.shape)} + (D,), got {tuple(view.keys.shape)}"
+                f"L2 needs keys of shape {tuple(view.arrival.shape)} + (D,), got {tuple(view.keys.shape)}"
             )
         scores = -torch.linalg.vector_norm(view.keys.float(), dim=-1)
-        return keep_top(scores, self.budget.tokens(view), view.valid)
+        return keep_top(scores, self.budget.tokens(view), view.attendable)
 
 
 @dataclass
@@ -153,10 +153,10 @@ class RecencyPolicy:
         """Stateless: nothing to reset."""
 
     def step(self, view: LayerView) -> KeepDecision:
-        sinks = view.valid & (torch.cumsum(view.valid.long(), dim=-1) <= self.sink)
-        order = view.token_index.double()
+        sinks = view.attendable & (torch.cumsum(view.attendable.long(), dim=-1) <= self.sink)
+        order = view.arrival.double()
         scores = torch.where(sinks, -order, order)
-        return keep_top(scores, self.budget.tokens(view), view.valid, forced=sinks)
+        return keep_top(scores, self.budget.tokens(view), view.attendable, forced=sinks)
 
 
 @dataclass
@@ -185,8 +185,8 @@ class RandomPolicy:
     def step(self, view: LayerView) -> KeepDecision:
         mixed = np.random.SeedSequence([self.seed, view.step, view.layer]).generate_state(1, dtype=np.uint64)[0]
         generator = torch.Generator().manual_seed(int(mixed))
-        scores = torch.rand(view.token_index.shape, generator=generator).to(view.token_index.device)
-        return keep_top(scores, self.budget.tokens(view), view.valid)
+        scores = torch.rand(view.arrival.shape, generator=generator).to(view.arrival.device)
+        return keep_top(scores, self.budget.tokens(view), view.attendable)
 
 
 @dataclass
@@ -200,8 +200,8 @@ class FullCachePolicy:
         """Stateless: nothing to reset."""
 
     def step(self, view: LayerView) -> KeepDecision:
-        b, h, n = view.token_index.shape
-        indices = torch.arange(n, device=view.token_index.device).expand(b, h, n)
+        b, h, n = view.arrival.shape
+        indices = torch.arange(n, device=view.arrival.device).expand(b, h, n)
         return KeepDecision(indices=indices.contiguous())
 
 

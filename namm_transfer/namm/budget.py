@@ -71,7 +71,7 @@ class RetentionRecord:
 
 @dataclass(frozen=True)
 class FixedRatioBudget:
-    """Keep ``ceil(ratio * seen)`` slots, where seen = ``max(view.token_index) + 1`` is the number of tokens
+    """Keep ``ceil(ratio * seen)`` slots, where seen = ``max(view.arrival) + 1`` is the number of tokens
     the sequence has fed so far (evicted ones and left padding included).
 
     The product is rounded to 9 decimals before the ceiling so that, e.g., 0.35 * 20 gives 7, not 8.
@@ -93,7 +93,7 @@ class FixedRatioBudget:
 
 def _seen(view: LayerView) -> int:
     """Tokens the sequence has fed so far: one past the newest slot's arrival index."""
-    return int(view.token_index.max().item()) + 1
+    return int(view.arrival.max().item()) + 1
 
 
 def _share(ratio: float, seen: int) -> int:

@@ -24,10 +24,11 @@ class LayerView:
     Attributes:
         layer: index of the layer among the model's layers.
         step: how many policy steps this sequence has had before this one (0 at the first step).
-        token_index: (B, H, N) int64, absolute arrival index of every cached slot (0 = first token the
-            sequence ever fed, evicted tokens included). For RoPE models without padding this equals the
-            position id. Sorted ascending along N.
-        valid: (B, H, N) bool, False for slots that hold input padding (left padding of a batch).
+        arrival: (B, H, N) integer (int32 from the runtime), absolute arrival index of every cached slot
+            (0 = first token the sequence ever fed, evicted tokens included). For RoPE models without padding
+            this equals the position id. Sorted ascending along N.
+        attendable: (B, H, N) bool, False for slots never attended: input padding, and slots kept only to align
+            a row's count with the other rows (``KeepDecision.visible``).
         n_new: number of slots at the end of N that arrived since the previous step.
         keys: (B, H, N, D) cached keys (post-RoPE where the model uses RoPE).
         attention_fn: returns (B, H, Q=n_new, N) post-softmax attention of the ``n_new`` most recent queries
@@ -39,8 +40,8 @@ class LayerView:
 
     layer: int
     step: int
-    token_index: torch.Tensor
-    valid: torch.Tensor
+    arrival: torch.Tensor
+    attendable: torch.Tensor
     n_new: int
     keys: torch.Tensor
     attention_fn: Callable[[], torch.Tensor]
@@ -49,15 +50,15 @@ class LayerView:
 
     @property
     def batch_size(self) -> int:
-        return self.token_index.shape[0]
+        return self.arrival.shape[0]
 
     @property
     def num_heads(self) -> int:
-        return self.token_index.shape[1]
+        return self.arrival.shape[1]
 
     @property
     def num_slots(self) -> int:
-        return self.token_index.shape[2]
+        return self.arrival.shape[2]
 
     def attention(self) -> torch.Tensor:
         """(B, H, n_new, N) GQA-averaged attention of the recent queries; computed once."""

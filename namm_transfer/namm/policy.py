@@ -171,12 +171,12 @@ class NammPolicy:
         if self.accumulator is not None:
             decisions = []
             for view, layer_state in zip(views, own):
-                self.accumulator.update(layer_state.ema, view.valid)
-                indices = torch.arange(view.num_slots, device=state.ema.device).expand_as(view.valid)
+                self.accumulator.update(layer_state.ema, view.attendable)
+                indices = torch.arange(view.num_slots, device=state.ema.device).expand_as(view.attendable)
                 decisions.append(KeepDecision(indices=indices))
         else:
-            valid = stacked([view.valid for view in views])
-            token_index = stacked([view.token_index for view in views])
+            valid = stacked([view.attendable for view in views])
+            token_index = stacked([view.arrival for view in views])
             features = token_features(state, token_index, self.stats, self.config)
             member = self._member
             if member is None:
@@ -190,7 +190,7 @@ class NammPolicy:
                 self.config.protect_sink, self.config.protect_prompt_tail,
             )
             decisions = [
-                select_tokens(scores[r, :, pad:], view.valid, self.config.threshold,
+                select_tokens(scores[r, :, pad:], view.attendable, self.config.threshold,
                               None if protected is None else protected[r, :, pad:], self.config.cache_cap)
                 for view, r, pad in zip(views, rows, pads)
             ]

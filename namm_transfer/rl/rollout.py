@@ -258,7 +258,7 @@ def retention_by_type(cache: EvictingCache, row: int, timestep: int) -> tuple[di
     by_type = {name: 0 for name in TOKEN_TYPES}
     by_age = {name: [0] * buckets for name in TOKEN_TYPES}
     for layer in cache.layers:
-        arrival = layer.token_index[row][layer.valid[row]]
+        arrival = layer.arrival[row][layer.attendable[row]]
         kinds = token_type(arrival)
         ages = torch.div(timestep - token_timestep(arrival), AGE_BUCKET, rounding_mode="floor")
         for code, name in enumerate(TOKEN_TYPES):
@@ -354,7 +354,7 @@ class CachedActor:
             return
         for record in records:
             layer = self.cache.layers[record.layer]
-            visible = layer.valid.sum(dim=-1).float().mean(dim=-1).cpu()[live] - appended  # (live rows,)
+            visible = layer.attendable.sum(dim=-1).float().mean(dim=-1).cpu()[live] - appended  # (live rows,)
             self.visible_by_step.setdefault((record.step, record.layer), []).extend(visible.tolist())
 
 

@@ -85,10 +85,10 @@ def evicting_attention(
     num_kv_heads, num_slots = key.shape[1], key.shape[2]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    if key.shape[:3] != layer_state.token_index.shape or value.shape[:3] != key.shape[:3]:
+    if key.shape[:3] != layer_state.arrival.shape or value.shape[:3] != key.shape[:3]:
         raise ValueError(
             f"key/value shapes {tuple(key.shape)}/{tuple(value.shape)} do not match the cache layer's slots "
-            f"{tuple(layer_state.token_index.shape)}"
+            f"{tuple(layer_state.arrival.shape)}"
         )
     layer_state.scaling, layer_state.sliding_window = scaling, sliding_window
     layer_state.record_queries(query)
@@ -101,7 +101,7 @@ def evicting_attention(
     groups = num_q_heads // num_kv_heads
     first = layer_state.tokens_seen - q_len
     query_index = torch.arange(first, first + q_len, device=query.device)
-    mask = visibility_mask(layer_state.token_index, layer_state.valid, query_index, sliding_window)
+    mask = visibility_mask(layer_state.arrival, layer_state.attendable, query_index, sliding_window)
     grouped_query = query.reshape(batch, num_kv_heads, groups * q_len, head_dim)
     grouped_mask = mask[:, :, None].expand(-1, -1, groups, -1, -1)
     grouped_mask = grouped_mask.reshape(batch, num_kv_heads, groups * q_len, num_slots)

@@ -16,7 +16,7 @@ the next forward (before any layer appends) or on :meth:`EvictingCache.flush`: a
 layer, so this equals stepping right after the forward.
 
 Padding: left padding declared by :meth:`EvictingCache.begin` (the runner) or given to the model as a 2-D
-``attention_mask`` (``generate``) marks slots invalid: never attended, seen by a policy as ``LayerView.valid ==
+``attention_mask`` (``generate``) marks slots invalid: never attended, seen by a policy as ``LayerView.attendable ==
 False``. The prompt length a policy may protect (``LayerView.prompt_length``) is declared by :meth:`begin` or taken
 from the first forward of a sequence (``generate`` feeds the whole prompt first).
 
@@ -147,7 +147,7 @@ class EvictingCache(Cache):
 
         Args:
             attention_mask: (B, L) 2-D mask of the prompt (1 = token, 0 = padding), left padding only; its padding
-                slots are marked invalid: never attended, and a policy sees them as ``LayerView.valid == False``.
+                slots are marked invalid: never attended, and a policy sees them as ``LayerView.attendable == False``.
                 None: no padding declared (a 2-D mask the model receives, as under ``generate``, is read anyway).
             prompt_length: arrival index one past the last prompt token, one int for every row or a (B,) int64
                 tensor; passed to the policy as ``LayerView.prompt_length``. Defaults to L when a mask is given,
@@ -249,7 +249,7 @@ class EvictingCache(Cache):
         """(B, num_layers) float: slots each row can attend to now, per layer (mean over KV heads). Differs
         from :meth:`kept_per_layer` by input padding and by the invisible slots that align rows keeping
         fewer tokens (``KeepDecision.visible``)."""
-        return torch.stack([layer.valid.sum(dim=-1).float().mean(dim=-1).cpu() for layer in self.layers], dim=1)
+        return torch.stack([layer.attendable.sum(dim=-1).float().mean(dim=-1).cpu() for layer in self.layers], dim=1)
 
     def _track_peaks(self) -> None:
         kv, policy = self.kv_bytes(), self.policy_bytes()
@@ -287,7 +287,7 @@ class EvictingCache(Cache):
         views = [self._view(layer) for layer in layers]
         decisions = [self.policy.step(views[0])] if len(views) == 1 else self.policy.step_layers(views)
         for layer, view, decision in zip(layers, views, decisions):
-            _check_decision(decision, view.token_index.shape, layer.layer_idx)
+            _check_decision(decision, view.arrival.shape, layer.layer_idx)
             record = RetentionRecord(layer.steps, layer.layer_idx, view.num_slots, decision.kept, layer.tokens_seen)
             self.retention.append(record)
             visible = None if decision.visible is None else decision.visible.to(layer.device)
@@ -305,7 +305,7 @@ class EvictingCache(Cache):
             )
         num_slots = layer.num_slots
         query_index = torch.arange(layer.tokens_seen - n_new, layer.tokens_seen, device=layer.device)
-        queries, keys, token_index, valid = layer.queries, layer.keys, layer.token_index, layer.valid
+        queries, keys, token_index, valid = layer.queries, layer.keys, layer.arrival, layer.attendable
         scaling, window = layer.scaling, layer.sliding_window
 
         def attention_fn() -> torch.Tensor:
@@ -317,7 +317,7 @@ class EvictingCache(Cache):
             )
 
         return LayerView(
-            layer=layer.layer_idx, step=layer.steps, token_index=token_index, valid=valid, n_new=n_new, keys=keys,
+            layer=layer.layer_idx, step=layer.steps, arrival=token_index, attendable=valid, n_new=n_new, keys=keys,
             attention_fn=attention_fn, prompt_length=self._prompt_length.to(layer.device),
         )
 

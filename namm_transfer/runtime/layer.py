@@ -8,9 +8,9 @@ modules imports the other; both import this one.
 Per layer, :class:`EvictingLayer` holds
 
 * physical keys/values (B, H, N, D), N differing between layers once a policy has evicted tokens;
-* ``valid`` (B, H, N) bool: False for left-padding slots and for slots a policy kept only to align counts across
+* ``attendable`` (B, H, N) bool: False for left-padding slots and for slots a policy kept only to align counts across
   rows; such slots are never attended;
-* ``token_index`` (B, H, N) int32: the absolute arrival index of every slot, counted by the cache (0 = the first
+* ``arrival`` (B, H, N) int32: the absolute arrival index of every slot, counted by the cache (0 = the first
   token fed, evicted tokens and padding included). It does not depend on the model's position ids, so it also
   works for models whose position ids are all zero (the Decision Transformer's GPT-2);
 * the post-RoPE queries that arrived since the layer's last policy step, when its policy reads attention;
@@ -18,8 +18,8 @@ Per layer, :class:`EvictingLayer` holds
   admits them after the step at that boundary (see :meth:`EvictingLayer.update`).
 
 The visibility rule (:func:`visibility_mask`): query with arrival index ``q`` sees slot ``j`` iff
-``token_index[j] <= q`` (causality by arrival, bottom-right aligned for a chunk of new queries), ``valid[j]``, and,
-for sliding-window layers, ``token_index[j] > q - window`` (transformers' ``sliding_window_overlay`` convention).
+``arrival[j] <= q`` (causality by arrival, bottom-right aligned for a chunk of new queries), ``attendable[j]``, and,
+for sliding-window layers, ``arrival[j] > q - window`` (transformers' ``sliding_window_overlay`` convention).
 namm-spec.md §1.4 explains why the official "last n_kv columns" slicing breaks after eviction and with padding.
 
 Shapes: B batch rows, H KV heads, Hq query heads, N slots, D head dim, q queries.
@@ -107,8 +107,8 @@ class EvictingLayer(CacheLayerMixin):
         period: new tokens per policy step, or None when no policy steps this layer (full cache, unmanaged layer).
         collect_queries: whether the attention buffers the layer's queries (its policy reads attention rows).
         keys, values: (B, H, N, D) physical K/V.
-        valid: (B, H, N) bool, False for slots never attended.
-        token_index: (B, H, N) int32 absolute arrival index of each slot, ascending along N.
+        attendable: (B, H, N) bool, False for slots never attended.
+        arrival: (B, H, N) int32 absolute arrival index of each slot, ascending along N.
         has_invalid: whether an invalid slot may be held; False allows the attention's fast path.
         tokens_seen: tokens this layer has been fed (evicted ones and padding included).
         pending: tokens admitted since the last policy step (counted only when ``period`` is set).
@@ -132,7 +132,7 @@ class EvictingLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self) -> None:
-        self.keys = self.values = self.valid = self.token_index = self.queries = self.incoming = None
+        self.keys = self.values = self.attendable = self.arrival = self.queries = self.incoming = None
         self.is_initialized = self.has_invalid = False
         self.tokens_seen = self.pending = self.steps = self.admitted = 0
         self.scaling: float | None = None
@@ -143,8 +143,8 @@ class EvictingLayer(CacheLayerMixin):
         self.device = key_states.device
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
-        self.valid = torch.ones(batch, heads, 0, dtype=torch.bool, device=self.device)
-        self.token_index = torch.zeros(batch, heads, 0, dtype=ARRIVAL_DTYPE, device=self.device)
+        self.attendable = torch.ones(batch, heads, 0, dtype=torch.bool, device=self.device)
+        self.arrival = torch.zeros(batch, heads, 0, dtype=ARRIVAL_DTYPE, device=self.device)
         self.is_initialized = True
 
     @property
@@ -188,8 +188,8 @@ class EvictingLayer(CacheLayerMixin):
         arrival = torch.arange(self.tokens_seen, self.tokens_seen + n_new, device=self.device, dtype=ARRIVAL_DTYPE)
         self.keys = torch.cat([self.keys, key_states], dim=2)
         self.values = torch.cat([self.values, value_states], dim=2)
-        self.valid = torch.cat([self.valid, valid[:, None, :].expand(batch, heads, n_new)], dim=2)
-        self.token_index = torch.cat([self.token_index, arrival.expand(batch, heads, n_new)], dim=2)
+        self.attendable = torch.cat([self.attendable, valid[:, None, :].expand(batch, heads, n_new)], dim=2)
+        self.arrival = torch.cat([self.arrival, arrival.expand(batch, heads, n_new)], dim=2)
         self.tokens_seen += n_new
         self.admitted = n_new
         if self.period is not None:
@@ -205,11 +205,11 @@ class EvictingLayer(CacheLayerMixin):
         (B, H, K) is False; starts a new step period."""
         self.keys = self.keys.gather(2, indices[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
         self.values = self.values.gather(2, indices[..., None].expand(-1, -1, -1, self.values.shape[-1]))
-        self.valid = self.valid.gather(2, indices)
+        self.attendable = self.attendable.gather(2, indices)
         if visible is not None:
-            self.valid &= visible
+            self.attendable &= visible
             self.has_invalid = True
-        self.token_index = self.token_index.gather(2, indices)
+        self.arrival = self.arrival.gather(2, indices)
         self.queries = None
         self.pending = 0
         self.steps += 1
@@ -220,8 +220,8 @@ class EvictingLayer(CacheLayerMixin):
         if first > 0:
             self.keys = self.keys[:, :, first:]
             self.values = self.values[:, :, first:]
-            self.valid = self.valid[:, :, first:]
-            self.token_index = self.token_index[:, :, first:]
+            self.attendable = self.attendable[:, :, first:]
+            self.arrival = self.arrival[:, :, first:]
 
     @property
     def num_slots(self) -> int:
@@ -238,7 +238,7 @@ class EvictingLayer(CacheLayerMixin):
         """Exact bytes the method adds to the K/V in this layer: validity, arrival indices, buffered queries and
         held incoming tokens."""
         incoming = () if self.incoming is None else self.incoming
-        return _nbytes(self.valid, self.token_index, self.queries, *incoming)
+        return _nbytes(self.attendable, self.arrival, self.queries, *incoming)
 
     def get_seq_length(self) -> int:
         """Tokens seen (absolute count), so that models and ``generate`` derive absolute positions."""

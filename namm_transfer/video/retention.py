@@ -42,7 +42,7 @@ def cache_frame_retention(cache: EvictingCache, frame_of_token: torch.Tensor, nu
     """(num_layers, F + 1) float: attendable slots per layer and source (column F = text), averaged over batch rows
     and KV heads. Row sums equal :meth:`EvictingCache.visible_per_layer` (averaged over rows)."""
     rows = [
-        frame_counts(layer.token_index, layer.valid, frame_of_token, num_frames).float().mean(dim=(0, 1)).cpu()
+        frame_counts(layer.arrival, layer.attendable, frame_of_token, num_frames).float().mean(dim=(0, 1)).cpu()
         for layer in cache.layers
     ]
     return torch.stack(rows)

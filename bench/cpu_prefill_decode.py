@@ -326,6 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode", type=int, default=32, help="tokens generated after each prompt")
     parser.add_argument("--chunk-size", type=int, default=128, help="prefill chunk (namm-spec.md §1.3: 128)")
     parser.add_argument("--update-every", type=int, default=512, help="policy period in tokens")
+    parser.add_argument("--layers-per-step", type=int, default=8,
+                        help="due layers the NAMM steps in one call (1: one step call per layer, as before issue 6)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and length (median)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods, comma-separated; baselines need namm")
     parser.add_argument("--threads", type=int, default=2,
@@ -358,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype="bfloat16", device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
-    cache = CacheConfig(update_every=args.update_every, attention_dtype="bfloat16")
+    cache = CacheConfig(update_every=args.update_every, attention_dtype="bfloat16",
+                        layers_per_step=args.layers_per_step)
     config = NammConfig(update_every=args.update_every)
     prompts = {length: make_prompt(tokenizer, length, args.seed) for length in args.lengths}
     longest = prompts[max(args.lengths)]

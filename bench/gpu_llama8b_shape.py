@@ -210,7 +210,8 @@ def build_model(args, device):
 
 def section_prefill(args, device, model, started: float) -> dict:
     """(d) full cache vs NAMM (fused kernel and torch path) chunked prefill."""
-    cache = CacheConfig(update_every=args.update_every, attention_dtype="bfloat16")
+    cache = CacheConfig(update_every=args.update_every, attention_dtype="bfloat16",
+                        layers_per_step=args.layers_per_step)
     config = NammConfig(update_every=args.update_every)
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (1, max(args.lengths)), generator=gen).to(device)
@@ -294,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=512, help="recent queries (the NAMM period)")
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--update-every", type=int, default=512)
+    parser.add_argument("--layers-per-step", type=int, default=8,
+                        help="due layers the NAMM steps in one call (1: one step call per layer, as before issue 6)")
     parser.add_argument("--stats-tokens", type=int, default=2048, help="tokens of the statistics pass")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median)")
     parser.add_argument("--seed", type=int, default=0)

@@ -247,6 +247,8 @@ def test_begin_marks_left_padding_invalid_and_validates():
     assert torch.equal(policy.views[0].prompt_length, torch.tensor([5, 5]))
     with pytest.raises(ValueError, match="left-padded"):
         cache.begin(torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="prompt_length must be >= 0"):
+        cache.begin(prompt_length=-1)
     with pytest.raises(ValueError, match="no token"):
         cache.begin(torch.tensor([[0, 0], [1, 1]]))
     with pytest.raises(ValueError, match="2-D"):

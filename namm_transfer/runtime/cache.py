@@ -150,8 +150,9 @@ class EvictingCache(Cache):
                 slots are marked invalid: never attended, and a policy sees them as ``LayerView.attendable == False``.
                 None: no padding declared (a 2-D mask the model receives, as under ``generate``, is read anyway).
             prompt_length: arrival index one past the last prompt token, one int for every row or a (B,) int64
-                tensor; passed to the policy as ``LayerView.prompt_length``. Defaults to L when a mask is given,
-                else to the number of tokens of the sequence's first forward.
+                tensor; passed to the policy as ``LayerView.prompt_length``; 0 declares no prompt (nothing to
+                protect, e.g. a Decision Transformer's episode). Defaults to L when a mask is given, else to the
+                number of tokens of the sequence's first forward.
         """
         if attention_mask is not None:
             mask = attention_mask.bool()
@@ -168,8 +169,8 @@ class EvictingCache(Cache):
             self._padding = None
         if prompt_length is not None:
             prompt_length = torch.as_tensor(prompt_length, dtype=torch.long).reshape(-1)
-            if int(prompt_length.min()) < 1:
-                raise ValueError(f"prompt_length must be >= 1, got {prompt_length.tolist()}")
+            if int(prompt_length.min()) < 0:
+                raise ValueError(f"prompt_length must be >= 0, got {prompt_length.tolist()}")
         self._declared_prompt_length = prompt_length
         self.reset()
 

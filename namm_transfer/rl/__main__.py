@@ -173,17 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder.start({**identity, "condition": condition.label})
         folders[condition.label] = folder
 
-    seconds: dict[str, float] = {}
+    # seed-major: every finished seed holds all conditions, so a cut run still gives a complete table
+    done = {label: folder.done_ids() for label, folder in folders.items()}
+    seconds = {label: folder.metrics().get("seconds", 0.0) for label, folder in folders.items()}
     with tqdm(total=len(conditions) * len(seeds), desc=f"{env.name} batches", unit="batch", file=sys.stderr) as bar:
-        for condition in conditions:
-            folder = folders[condition.label]
-            done = folder.done_ids()
-            seconds[condition.label] = folder.metrics().get("seconds", 0.0)
-            for seed in seeds:
-                env_seeds = [SEED_STRIDE * seed + i for i in range(args.episodes)]
-                ids = [f"{seed}-{i}" for i in range(args.episodes)]
-                bar.set_postfix_str(f"{condition.label} seed {seed}")
-                if all(i in done for i in ids):
+        for seed in seeds:
+            env_seeds = [SEED_STRIDE * seed + i for i in range(args.episodes)]
+            ids = [f"{seed}-{i}" for i in range(args.episodes)]
+            for condition in conditions:
+                folder = folders[condition.label]
+                bar.set_postfix_str(f"seed {seed} {condition.label}")
+                if all(i in done[condition.label] for i in ids):
                     bar.update()
                     continue
                 namm_budget = _load_budget(folders["namm"], seed) if condition.budget == "matched" else None
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if condition.rule == "namm":
                     _save_budget(folder, seed, result)
                 for item_id, episode in zip(ids, result.episodes):
-                    if item_id not in done:
+                    if item_id not in done[condition.label]:
                         folder.append_prediction({"item_id": item_id, **asdict(episode)})
                 folder.write_metrics({"seconds": seconds[condition.label]}, update=True)
                 bar.update()

@@ -306,7 +306,7 @@ class CachedActor:
         self.adapter = DecisionTransformerAdapter()
         geometry = self.adapter.geometry(model)
         self.cache = EvictingCache(policy, geometry.num_layers, geometry.managed_layers, cache_config)
-        self.cache.begin()
+        self.cache.begin(prompt_length=0)  # an episode has no prompt to protect
         self.update_every = cache_config.update_every
         self.device = next(model.parameters()).device
         self.rows = rows

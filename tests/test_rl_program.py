@@ -64,8 +64,9 @@ def test_program_runs_end_to_end_and_resumes(cheetah_dt, tmp_path):
     before = {p: m for p, m in files_of(out).items() if p.endswith("predictions.jsonl")}
     assert run_program(main, args) == 0  # everything done: nothing is rerun or appended
     assert {p: m for p, m in files_of(out).items() if p.endswith("predictions.jsonl")} == before
+    before = files_of(out)
     changed = run_program(main, [*args[:-2], "--target-return", "100", "--out", str(out)])
-    assert changed == 2
+    assert changed == 2 and files_of(out) == before  # another configuration is refused, nothing touched
 
 
 @pytest.mark.parametrize(
@@ -95,6 +96,19 @@ def test_bad_input_gives_one_line_and_writes_nothing(cheetah_dt, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2
     assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_a_namm_file_that_fails_validation_is_refused(cheetah_dt, tmp_path, capsys):
+    broken = tmp_path / "namm"
+    broken.mkdir()
+    (broken / "namm.json").write_text('{"format_version": 1, "config": {}}')
+    (broken / "namm.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "out"
+    status = run_program(main, ["--env", "halfcheetah", "--model", str(cheetah_dt), "--namm", str(broken),
+                                "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "namm" in err[0], err
     assert not out.exists()
 
 

@@ -291,7 +291,8 @@ class CachedActor:
         model: the DT (eval mode).
         rows: episodes acted on together (B).
         policy: eviction policy, or None for the full cache.
-        cache_config: its ``update_every`` must be a multiple of 3, so every policy step starts at a return token.
+        cache_config: the period (``update_every``, else the policy's own) must be a multiple of 3, so every policy
+            step starts at a return token.
 
     Attributes:
         cache: the evicting cache of the B episodes.
@@ -300,14 +301,14 @@ class CachedActor:
     """
 
     def __init__(self, model: nn.Module, rows: int, policy: EvictionPolicy | None, cache_config: CacheConfig):
-        if cache_config.update_every % 3:
-            raise ValueError(f"update_every must be a multiple of 3 for a DT, got {cache_config.update_every}")
         self.model = model
         self.adapter = DecisionTransformerAdapter()
         geometry = self.adapter.geometry(model)
         self.cache = EvictingCache(policy, geometry.num_layers, geometry.managed_layers, cache_config)
+        self.update_every = self.cache.update_every  # the config's, else the policy's declared period
+        if self.update_every % 3:
+            raise ValueError(f"update_every must be a multiple of 3 for a DT, got {self.update_every}")
         self.cache.begin(prompt_length=0)  # an episode has no prompt to protect
-        self.update_every = cache_config.update_every
         self.device = next(model.parameters()).device
         self.rows = rows
         self.fed = 0

@@ -36,7 +36,7 @@ from namm_transfer.methods import namm_policy
 from namm_transfer.namm.checkpoint import load_namm
 from namm_transfer.rl import plots
 from namm_transfer.rl.checkpoint import load_dt
-from namm_transfer.rl.conditions import ALL_LABELS, DEFAULT_CONDITIONS, Condition, baseline_policy, policy_steps
+from namm_transfer.rl.conditions import ALL_LABELS, Condition, baseline_policy, policy_steps
 from namm_transfer.rl.rollout import BatchResult, RolloutSettings, cached_rollout, window_rollout
 from namm_transfer.rl.summary import condition_metrics, paired_difference
 from namm_transfer.runtime.cache import CacheConfig

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 from namm_transfer.evals.control import control_env
-from namm_transfer.methods import namm_policy
 from namm_transfer.namm.checkpoint import load_namm
 from namm_transfer.rl.checkpoint import load_dt
-from namm_transfer.rl.conditions import Condition, baseline_policy, policy_steps
-from namm_transfer.rl.rollout import RolloutSettings, cached_rollout, window_rollout
+from namm_transfer.rl.conditions import Condition, run_condition
+from namm_transfer.rl.rollout import RolloutSettings
 from namm_transfer.runtime.cache import CacheConfig
 from namm_transfer.shipped import shipped_weights
 
@@ -48,20 +47,12 @@ def main() -> int:
                                info.return_scale, info.context)
     config = CacheConfig(update_every=args.update_every)
     seeds = list(range(args.episodes))
-    layers = list(range(model.config.n_layer))
-    namm_budget = cached_rollout(model, seeds, settings, namm_policy(namm), config).visible_by_step
+    namm_budget = run_condition(Condition("namm"), model, seeds, settings, config, namm=namm,
+                                namm_visible_by_step=None, seed=0).visible_by_step
 
     def run(label: str):
-        if label == "window":
-            return window_rollout(model, seeds, settings)
-        if label == "full":
-            return cached_rollout(model, seeds, settings, None, config)
-        if label == "namm":
-            return cached_rollout(model, seeds, settings, namm_policy(namm), config)
-        policy = baseline_policy(Condition.parse(label), num_steps=policy_steps(settings.max_episode_steps,
-                                 args.update_every), update_every=args.update_every, layers=layers,
-                                 context=info.context, namm_visible_by_step=namm_budget, seed=0)
-        return cached_rollout(model, seeds, settings, policy, config)
+        return run_condition(Condition.parse(label), model, seeds, settings, config, namm=namm,
+                             namm_visible_by_step=namm_budget, seed=0)
 
     labels = ["window", "full", "namm", "h2o@matched", "recency@matched"]
     rows = {}

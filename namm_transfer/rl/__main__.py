@@ -30,14 +30,14 @@ from namm_transfer.cli import (
     name_list,
     run_program,
 )
+from namm_transfer.atomic import atomic_write
 from namm_transfer.evals.control import ENVS, control_env
 from namm_transfer.evals.report import RunFolder, format_table
-from namm_transfer.methods import namm_policy
 from namm_transfer.namm.checkpoint import load_namm
 from namm_transfer.rl import plots
 from namm_transfer.rl.checkpoint import load_dt
-from namm_transfer.rl.conditions import ALL_LABELS, Condition, baseline_policy, policy_steps
-from namm_transfer.rl.rollout import BatchResult, RolloutSettings, cached_rollout, window_rollout
+from namm_transfer.rl.conditions import ALL_LABELS, Condition, run_condition
+from namm_transfer.rl.rollout import BatchResult, RolloutSettings
 from namm_transfer.rl.summary import condition_metrics, paired_difference
 from namm_transfer.runtime.cache import CacheConfig
 from namm_transfer.shipped import shipped_weights
@@ -98,22 +98,6 @@ def _conditions(labels: Sequence[str]) -> list[Condition]:
     return sorted(conditions, key=lambda c: ALL_LABELS.index(c.label))
 
 
-def _run_batch(condition, model, seeds, settings, cache_config, namm, namm_budget, geometry_layers, seed):
-    if condition.rule == "window":
-        return window_rollout(model, seeds, settings)
-    if condition.rule == "full":
-        policy = None
-    elif condition.rule == "namm":
-        policy = namm_policy(namm, next(model.parameters()).device)
-    else:
-        policy = baseline_policy(
-            condition, num_steps=policy_steps(settings.max_episode_steps, cache_config.update_every),
-            update_every=cache_config.update_every, layers=geometry_layers, context=settings.context,
-            namm_visible_by_step=namm_budget, seed=seed,
-        )
-    return cached_rollout(model, seeds, settings, policy, cache_config)
-
-
 def _budget_path(folder: RunFolder, seed: int) -> Path:
     return folder.path / f"budget_seed{seed}.json"
 
@@ -121,7 +105,7 @@ def _budget_path(folder: RunFolder, seed: int) -> Path:
 def _save_budget(folder: RunFolder, seed: int, result: BatchResult) -> None:
     folder.path.mkdir(parents=True, exist_ok=True)
     rows = [[step, layer, value] for (step, layer), value in sorted(result.visible_by_step.items())]
-    _budget_path(folder, seed).write_text(json.dumps(rows) + "\n", encoding="utf-8")
+    atomic_write(_budget_path(folder, seed), json.dumps(rows) + "\n")
 
 
 def _load_budget(folder: RunFolder, seed: int) -> dict[tuple[int, int], float]:
@@ -158,7 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return_scale=info.return_scale, context=info.context, max_episode_steps=args.max_episode_steps,
     )
     cache_config = CacheConfig(update_every=args.update_every)  # numerics: the NAMM's own declaration
-    layers = list(range(model.config.n_layer))
     ref_scores = None
     if info.ref_min_score is not None and info.ref_max_score is not None:
         ref_scores = (info.ref_min_score, info.ref_max_score)
@@ -188,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 namm_budget = _load_budget(folders["namm"], seed) if condition.budget == "matched" else None
                 start = time.perf_counter()
-                result = _run_batch(condition, model, env_seeds, settings, cache_config, namm, namm_budget, layers, seed)
+                result = run_condition(condition, model, env_seeds, settings, cache_config, namm=namm,
+                                       namm_visible_by_step=namm_budget, seed=seed)
                 seconds[condition.label] += time.perf_counter() - start
                 if condition.rule == "namm":
                     _save_budget(folder, seed, result)

@@ -114,21 +114,22 @@ def _snapshot_info(folder: Path, stats: str | Path | Mapping | None, config) -> 
     )
 
 
-def check_sizes(config, info: DTInfo) -> None:
-    """ValueError (one line) unless the DT's state/action sizes and timestep range fit ``info``'s env."""
+def check_sizes(config, gym_id: str, stats_entries: int, episode_steps: int | None = None) -> None:
+    """ValueError (one line) unless a DT config's state/action sizes fit the env ``gym_id``, its state statistics
+    have ``stats_entries`` entries, and it embeds ``episode_steps`` timesteps (default: the env's time limit)."""
     import gymnasium as gym
 
-    env = gym.make(info.gym_id)
+    env = gym.make(gym_id)
     state_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    limit = env.spec.max_episode_steps
+    limit = env.spec.max_episode_steps if episode_steps is None else episode_steps
     env.close()
     if (config.state_dim, config.act_dim) != (state_dim, act_dim):
-        raise ValueError(f"the DT has state_dim {config.state_dim} and act_dim {config.act_dim}, but {info.gym_id} "
+        raise ValueError(f"the DT has state_dim {config.state_dim} and act_dim {config.act_dim}, but {gym_id} "
                          f"has {state_dim} and {act_dim}")
-    if len(info.state_mean) != state_dim:
-        raise ValueError(f"the state mean/std have {len(info.state_mean)} entries, {info.gym_id} has {state_dim}")
+    if stats_entries != state_dim:
+        raise ValueError(f"the state mean/std have {stats_entries} entries, {gym_id} has {state_dim}")
     if config.max_ep_len < limit:
-        raise ValueError(f"the DT embeds {config.max_ep_len} timesteps, {info.gym_id} episodes last {limit}")
+        raise ValueError(f"the DT embeds {config.max_ep_len} timesteps, {gym_id} episodes last {limit}")
 
 
 def load_dt(path: str | Path, stats: str | Path | Mapping | None = None, device: str = "cpu", env: str | None = None):
@@ -156,7 +157,7 @@ def load_dt(path: str | Path, stats: str | Path | Mapping | None = None, device:
         info = _snapshot_info(folder, stats, config)
     if env is not None and info.env != env:
         raise ValueError(f"{folder} is a DT for {info.env!r}, not {env!r}; pass --env {info.env}")
-    check_sizes(config, info)
+    check_sizes(config, info.gym_id, len(info.state_mean))
     if not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
         raise FileNotFoundError(f"no weights (model.safetensors or pytorch_model.bin) in {folder}")
     model = DecisionTransformerModel.from_pretrained(folder, config=config).to(device).eval()

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
+from namm_transfer.methods import namm_policy
 from namm_transfer.namm.baselines import BASELINES, make_baseline
 from namm_transfer.namm.budget import MatchedBudget
+from namm_transfer.namm.checkpoint import NammWeights
 from namm_transfer.namm.interface import EvictionPolicy
+from namm_transfer.rl.rollout import BatchResult, RolloutSettings, cached_rollout, window_rollout
+from namm_transfer.runtime.cache import CacheConfig
 
 BASELINE_RULES = ("h2o", "l2", "recency", "random")
 BUDGETS = ("matched", "window")
@@ -116,3 +122,39 @@ def baseline_policy(
         budget = MatchedBudget({(step, layer): 3 * context for step in range(num_steps) for layer in layers})
     options = {"seed": seed} if condition.rule == "random" else {}
     return make_baseline(condition.rule, budget, **options)
+
+
+def run_condition(
+    condition: Condition,
+    model: nn.Module,
+    seeds: list[int],
+    settings: RolloutSettings,
+    cache_config: CacheConfig,
+    *,
+    namm: NammWeights | None,
+    namm_visible_by_step: dict[tuple[int, int], float] | None,
+    seed: int,
+) -> BatchResult:
+    """One lockstep batch of episodes (env seeds ``seeds``) under ``condition``.
+
+    Args:
+        cache_config: its ``update_every`` is the period of every evicting condition.
+        namm: the NAMM's weights (for ``namm``).
+        namm_visible_by_step: the NAMM's kept slots on the same episodes (for ``@matched``).
+        seed: seed of the ``random`` rule.
+    """
+    if condition.rule == "window":
+        return window_rollout(model, seeds, settings)
+    if condition.rule == "full":
+        policy = None
+    elif condition.rule == "namm":
+        if namm is None:
+            raise ValueError("condition 'namm' needs NAMM weights")
+        policy = namm_policy(namm, next(model.parameters()).device)
+    else:
+        policy = baseline_policy(
+            condition, num_steps=policy_steps(settings.max_episode_steps, cache_config.update_every),
+            update_every=cache_config.update_every, layers=list(range(model.config.n_layer)),
+            context=settings.context, namm_visible_by_step=namm_visible_by_step, seed=seed,
+        )
+    return cached_rollout(model, seeds, settings, policy, cache_config)

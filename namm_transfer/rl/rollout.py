@@ -37,6 +37,7 @@ from namm_transfer.adapters.decision_transformer import (
     token_type,
 )
 from namm_transfer.namm.interface import EvictionPolicy
+from namm_transfer.rl.checkpoint import check_sizes
 from namm_transfer.runtime.cache import CacheConfig, EvictingCache
 from namm_transfer.runtime.runner import prefill_chunks
 
@@ -177,21 +178,6 @@ def _normalise(observation: np.ndarray, settings: RolloutSettings, device: torch
     return torch.from_numpy((observation - mean) / std).to(device)
 
 
-def _check_model(model: nn.Module, batch: _EnvBatch, settings: RolloutSettings) -> None:
-    state_dim = batch.observation.shape[1]
-    act_dim = batch.action_low.shape[0]
-    config = model.config
-    if (config.state_dim, config.act_dim) != (state_dim, act_dim):
-        raise ValueError(
-            f"the DT has state_dim {config.state_dim} and act_dim {config.act_dim}, but {settings.gym_id} has "
-            f"{state_dim} and {act_dim}"
-        )
-    if len(settings.state_mean) != state_dim:
-        raise ValueError(f"state mean/std have {len(settings.state_mean)} entries, {settings.gym_id} has {state_dim}")
-    if config.max_ep_len < settings.max_episode_steps:
-        raise ValueError(f"the DT embeds {config.max_ep_len} timesteps, episodes last up to {settings.max_episode_steps}")
-
-
 def _bytes_per_token_layer(model: nn.Module) -> int:
     """Bytes of keys + values of one token in one layer (all heads)."""
     dtype_size = next(model.parameters()).element_size()
@@ -203,7 +189,7 @@ def window_rollout(model: nn.Module, seeds: list[int], settings: RolloutSettings
     """The standard DT evaluation loop over ``len(seeds)`` episodes at once (see the module docstring)."""
     device = next(model.parameters()).device
     batch = _EnvBatch(settings.gym_id, seeds, settings.max_episode_steps)
-    _check_model(model, batch, settings)
+    check_sizes(model.config, settings.gym_id, len(settings.state_mean), settings.max_episode_steps)
     rows, k = len(seeds), settings.context
     state_dim, act_dim = batch.observation.shape[1], batch.action_low.shape[0]
     states = torch.zeros(rows, 0, state_dim, device=device)
@@ -370,7 +356,7 @@ def cached_rollout(
     """Whole episodes acted by a :class:`CachedActor` (see the module docstring)."""
     device = next(model.parameters()).device
     batch = _EnvBatch(settings.gym_id, seeds, settings.max_episode_steps)
-    _check_model(model, batch, settings)
+    check_sizes(model.config, settings.gym_id, len(settings.state_mean), settings.max_episode_steps)
     rows = len(seeds)
     remaining = torch.full((rows, 1), settings.target_return / settings.return_scale, device=device)
     visible_history: list[torch.Tensor] = []  # per timestep (B, L)

@@ -201,3 +201,35 @@ def test_constructor_validation():
         NammPolicy(CFG, torch.zeros(4172), accumulator=StatsAccumulator(17))
     with pytest.raises(ValueError, match="statistics mode"):
         NammPolicy(CFG, accumulator=StatsAccumulator(17)).set_members(torch.zeros(1, dtype=torch.int64))
+
+
+def test_keep_bias_moves_retention_monotonically_and_zero_is_unchanged():
+    attention = causal_attention(2, 3, 0, 64, seed=5)
+    ema = spectral_ema_step(attention, None, CFG).ema[..., 0]
+    params = readout_params(bin_weight=1.0, bias=-float(ema.median()))
+
+    def decide(keep_bias=None):
+        policy = (NammPolicy(CFG, params, UNIT_STATS) if keep_bias is None
+                  else NammPolicy(CFG, params, UNIT_STATS, keep_bias=keep_bias))
+        policy.begin(2, 1)
+        return policy.step(make_view(attention, step=0))
+
+    default, zero = decide(), decide(0.0)
+    assert torch.equal(default.indices, zero.indices) and torch.equal(default.visible, zero.visible)
+    spread = float(ema.max() - ema.min())
+
+    def kept_slots(keep_bias):  # visible kept slots summed over rows and heads
+        decision = decide(keep_bias)
+        return decision.indices.numel() if decision.visible is None else int(decision.visible.sum())
+
+    kept = [kept_slots(bias * spread) for bias in (-2.0, -0.5, -0.1, 0.0, 0.1, 0.5, 2.0)]
+    assert kept == sorted(kept) and kept[0] < kept[3] < kept[-1] == 2 * 3 * 64
+    assert kept[0] == 2 * 3  # every score below the threshold: only the newest slot
+
+
+def test_keep_bias_validation():
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="keep_bias must be a finite"):
+            NammPolicy(CFG, torch.zeros(4172), UNIT_STATS, keep_bias=bad)
+    with pytest.raises(ValueError, match="takes no params"):
+        NammPolicy(CFG, accumulator=StatsAccumulator(17), keep_bias=1.0)

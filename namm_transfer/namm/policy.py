@@ -17,6 +17,8 @@ Shapes: B = batch rows, H = KV heads, N = cached slots, P = population members.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from namm_transfer.namm.config import NammConfig
@@ -45,6 +47,8 @@ class NammPolicy:
         stats: frozen normalisation statistics of the spectrogram features (§2.4); scoring mode.
         accumulator: statistics mode instead of ``params``/``stats``: keep every slot and accumulate
             feature statistics (§5.6).
+        keep_bias: a finite constant added to every score before the threshold selection (the memory knob):
+            positive keeps more slots, negative fewer; 0 is the trained NAMM's own decisions. Scoring mode only.
     """
 
     name = "namm"
@@ -55,8 +59,11 @@ class NammPolicy:
         params: torch.Tensor | None = None,
         stats: NormalisationStats | None = None,
         accumulator: StatsAccumulator | None = None,
+        keep_bias: float = 0.0,
     ) -> None:
         self.config = config
+        if not math.isfinite(keep_bias):
+            raise ValueError(f"keep_bias must be a finite number, got {keep_bias}")
         if accumulator is None:
             if params is None or stats is None:
                 raise ValueError("NammPolicy needs params and stats, or an accumulator (statistics mode)")
@@ -75,8 +82,8 @@ class NammPolicy:
                 )
             params = params.float()
         else:
-            if params is not None or stats is not None:
-                raise ValueError("statistics mode (accumulator) takes no params or stats")
+            if params is not None or stats is not None or keep_bias != 0.0:
+                raise ValueError("statistics mode (accumulator) takes no params, stats or keep_bias")
             if accumulator.num_features != config.spectrogram_bins:
                 raise ValueError(
                     f"accumulator must have {config.spectrogram_bins} features, got {accumulator.num_features}"
@@ -84,6 +91,7 @@ class NammPolicy:
         self.params = params
         self.stats = stats
         self.accumulator = accumulator
+        self.keep_bias = float(keep_bias)
         self.requirements = StepRequirements(
             update_every=config.update_every, reads_attention=True, attention_numerics=config.attention_dtype
         )
@@ -184,6 +192,8 @@ class NammPolicy:
             elif member.shape != (self._batch_size,):
                 raise ValueError(f"set_members gave {member.shape[0]} rows, the view has {self._batch_size}")
             scores = bam_scores(features, self.params, member.repeat(len(views)), self.config, valid)
+            if self.keep_bias:
+                scores = scores + self.keep_bias
             lengths = [view.prompt_length for view in views]
             protected = protected_slots(
                 token_index, valid, None if lengths[0] is None else torch.cat(lengths),

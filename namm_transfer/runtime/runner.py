@@ -94,6 +94,28 @@ class GenerationResult:
     decode_seconds: float
 
 
+@dataclass
+class ContinuationScore:
+    """What :meth:`EvictingRunner.score_continuation` returns.
+
+    Attributes:
+        log_probs: (B, T) fp32 log-probability of each continuation token given everything before it, read
+            through the evicting cache (teacher forcing).
+        retention: the cache's retention log (one record per step and managed layer).
+        visible_per_layer: (B, num_layers) slots each row can attend to at the end.
+        kv_bytes_peak: largest physical K/V bytes held at any time.
+        total_bytes_peak: largest K/V + policy bytes held at any time.
+        tokens_seen: prompt plus continuation tokens fed (L + T).
+    """
+
+    log_probs: torch.Tensor
+    retention: list[RetentionRecord]
+    visible_per_layer: torch.Tensor
+    kv_bytes_peak: int
+    total_bytes_peak: int
+    tokens_seen: int
+
+
 def prefill_chunks(start: int, stop: int, chunk_size: int, update_every: int) -> list[tuple[int, int]]:
     """Half-open (a, b) ranges covering arrival indices [start, stop): at most ``chunk_size`` long, and never
     crossing a multiple of ``update_every`` (so a policy step always sees exactly ``update_every`` queries)."""
@@ -204,6 +226,58 @@ class EvictingRunner:
             tokens_seen=cache.get_seq_length(),
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
+        )
+
+    @torch.no_grad()
+    def score_continuation(self, input_ids: torch.Tensor, continuation_ids: torch.Tensor) -> ContinuationScore:
+        """Teacher-forced log-probabilities of ``continuation_ids`` after ``input_ids`` under eviction.
+
+        The prompt and its continuation are fed as one sequence on the runner's schedule (chunks cut at every
+        multiple of the period, so the policy steps exactly where it would while decoding the continuation); the
+        prompt length is the prompt's, so a policy's protected prompt tail is the question, not the answer.
+        One forward pass per chunk, no sampling: the dense fitness of issue 8 and the evaluation's answer
+        likelihood.
+
+        Args:
+            input_ids: (B, L) int64 prompts of one length (no padding).
+            continuation_ids: (B, T) or (T,) int64 tokens scored after the prompt, T >= 1.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (B, L) with L >= 1, got {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        if continuation_ids.dim() == 1:
+            continuation_ids = continuation_ids.expand(batch, -1)
+        if continuation_ids.dim() != 2 or continuation_ids.shape[0] != batch or continuation_ids.shape[1] < 1:
+            raise ValueError(f"continuation_ids must be (T,) or ({batch}, T) with T >= 1, got "
+                             f"{tuple(continuation_ids.shape)}")
+        device = next(self.model.parameters()).device
+        sequence = torch.cat([input_ids, continuation_ids], dim=1).to(device)
+        total, count = sequence.shape[1], continuation_ids.shape[1]
+        cache = self.new_cache()
+        cache.begin(prompt_length=torch.full((batch,), length, dtype=torch.long, device=device))
+        positions = torch.arange(total, device=device).expand(batch, total)
+        predicting = []  # logits (B, t, V) of columns length - 1 .. total - 2, in order
+        restore = self.adapter.attach(self.model)
+        try:
+            for a, b in prefill_chunks(0, total, self.config.chunk_size, cache.update_every):
+                needed = b > length - 1 and a < total - 1
+                logits = self.adapter.forward_chunk(self.model, cache, position_ids=positions[:, a:b],
+                                                    input_ids=sequence[:, a:b], last_only=not needed)
+                if needed:
+                    first, last = max(a, length - 1), min(b, total - 1)
+                    predicting.append(logits[:, first - a:last - a].float())
+            cache.flush()
+        finally:
+            restore()
+        log_probs = torch.log_softmax(torch.cat(predicting, dim=1), dim=-1)
+        chosen = log_probs.gather(-1, sequence[:, length:, None]).squeeze(-1)
+        return ContinuationScore(
+            log_probs=chosen,
+            retention=list(cache.retention),
+            visible_per_layer=cache.visible_per_layer(),
+            kv_bytes_peak=cache.kv_bytes_peak,
+            total_bytes_peak=cache.total_bytes_peak,
+            tokens_seen=cache.get_seq_length(),
         )
 
     def _decode(

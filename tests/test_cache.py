@@ -196,6 +196,19 @@ def test_segments_after_a_boundary_attend_over_the_pruned_cache():
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)
 
 
+def test_queries_of_a_segment_are_held_without_the_rest_of_their_chunk():
+    """After a boundary inside a chunk, the query buffer holds the later segment's queries only (a copy), not a view
+    keeping the whole chunk's queries alive; policy_bytes counts storage, so such spare capacity would show."""
+    k, v, q = torch.randn(B, H, 7, D), torch.randn(B, H, 7, D), torch.randn(B, HQ, 7, D)
+    cache = EvictingCache(DropOddPolicy(), 1, config=CacheConfig(update_every=4))
+    keys, values = cache.update(k, v, 0)
+    namm_attention_forward(Module(), q, keys, values, None, scaling=SCALE)
+    queries = cache.layers[0].queries
+    torch.testing.assert_close(queries, q[:, :, 4:], atol=0, rtol=0)
+    assert queries.untyped_storage().nbytes() == B * HQ * 3 * D * 4
+    assert cache.bytes_by_class()["queries"] == B * HQ * 3 * D * 4
+
+
 class Stateful(DropOddPolicy):
     """DropOddPolicy reporting 100 bytes of per-sequence state."""
 
@@ -225,13 +238,41 @@ def test_policy_bytes_count_every_byte_the_method_adds():
     assert cache.policy_bytes_peak == B * H * 4 * (1 + 4) + B * HQ * 4 * D * 4 + 100
     assert cache.total_bytes_peak == 2 * B * H * 4 * D * 4 + cache.policy_bytes_peak
     cache.update(torch.randn(B, H, 6, D), torch.randn(B, H, 6, D), 0)  # 4 appended up to 8, 2 held back
-    held = 2 * B * H * 2 * D * 4
+    held = 2 * B * H * 6 * D * 4  # the 2 held tokens are slices of the 6-token chunk: its whole storage is held
     assert cache.policy_bytes() == B * H * 7 * (1 + 4) + held + 100  # (no attention ran, so no queries yet)
     with pytest.raises(ValueError, match="before its attention admitted the last one"):
         cache.update(torch.randn(B, H, 1, D), torch.randn(B, H, 1, D), 0)
     blind = EvictingCache(Blind(), 1, config=CacheConfig(update_every=4))
     feed(blind, 0, 3)
     assert blind.layers[0].queries is None and blind.policy_bytes() == slots * (1 + 4)  # nothing buffered
+
+
+class Classified(DropOddPolicy):
+    """DropOddPolicy reporting its state in two classes."""
+
+    def state_bytes_by_class(self):
+        return {"ema": 30, "tail": 70}
+
+
+def test_bytes_by_class_split_the_total_and_its_peak():
+    """bytes_by_class names every byte (K/V, validity, arrival, queries, held-back tokens, policy state by the
+    policy's own classes); its classes sum to kv + policy bytes, and the split at the total's peak sums to the peak."""
+    torch.manual_seed(0)
+    cache = EvictingCache(Classified(), 1, config=CacheConfig(update_every=4))
+    feed(cache, 0, 3)
+    slots = B * H * 3
+    assert cache.bytes_by_class() == {
+        "kv": 2 * slots * D * 4, "attendable": slots, "arrival": 4 * slots, "queries": B * HQ * 3 * D * 4,
+        "incoming": 0, "ema": 30, "tail": 70,
+    }
+    assert cache.policy_bytes() == sum(cache.bytes_by_class().values()) - cache.kv_bytes()
+    feed(cache, 0, 1)
+    cache.flush()
+    peak = cache.total_bytes_peak_by_class
+    assert sum(peak.values()) == cache.total_bytes_peak and peak["queries"] == B * HQ * 4 * D * 4
+    assert cache.bytes_by_class()["queries"] == 0
+    assert EvictingCache(Stateful(), 1).bytes_by_class()["policy_state"] == 100
+    assert EvictingCache(None, 1).bytes_by_class()["policy_state"] == 0
 
 
 def test_begin_marks_left_padding_invalid_and_validates():

@@ -31,6 +31,8 @@ transformers' ``DynamicSlidingWindowLayer`` (the mask hides older ones anyway).
 Memory (:meth:`EvictingCache.kv_bytes`, :meth:`EvictingCache.policy_bytes` and their peaks): ``kv_bytes`` counts the
 physical keys and values; ``policy_bytes`` every byte the method adds to them: per-slot validity and arrival indices,
 buffered queries, tokens held back at a boundary, and the policy's own per-token state (``policy.state_bytes()``).
+:meth:`EvictingCache.bytes_by_class` splits them by what they hold, and
+:attr:`EvictingCache.total_bytes_peak_by_class` is that split at the moment of the total's peak.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class EvictingCache(Cache):
     def _clear_sequence(self) -> None:
         self.retention: list[RetentionRecord] = []
         self._peaks = {"kv": 0, "policy": 0, "total": 0}
+        self._peak_classes: dict[str, int] = {}
         self._batch_size: int | None = None
         self._prompt_length: torch.Tensor | None = None  # (B,) int64, set by the first forward
 
@@ -220,11 +223,35 @@ class EvictingCache(Cache):
         """Exact bytes of the physical keys and values held now by all layers (managed or not)."""
         return sum(layer.kv_bytes for layer in self.layers)
 
+    def bytes_by_class(self) -> dict[str, int]:
+        """Exact bytes held now, by what they hold.
+
+        ``kv``: the physical keys and values of all layers (:meth:`kv_bytes`); ``attendable``, ``arrival``,
+        ``queries``, ``incoming``: every layer's bookkeeping (:meth:`EvictingLayer.bookkeeping_bytes_by_class`); then
+        the policy's per-sequence state: the classes of ``policy.state_bytes_by_class()`` when the policy offers it
+        (e.g. a NAMM's ``ema`` and ``tail``), else ``policy_state`` = ``policy.state_bytes()`` (0 when it offers
+        neither). Every class but ``kv`` counts in :meth:`policy_bytes`.
+        """
+        classes = {"kv": self.kv_bytes()}
+        for layer in self.layers:
+            for name, size in layer.bookkeeping_bytes_by_class().items():
+                classes[name] = classes.get(name, 0) + size
+        by_class = getattr(self.policy, "state_bytes_by_class", None)
+        if by_class is not None:
+            state = by_class()
+            if set(state) & set(classes):
+                raise ValueError(f"policy state classes {sorted(state)} clash with the cache's {sorted(classes)}")
+            classes.update(state)
+        else:
+            state_bytes = getattr(self.policy, "state_bytes", None)
+            classes["policy_state"] = 0 if state_bytes is None else state_bytes()
+        return classes
+
     def policy_bytes(self) -> int:
-        """Exact bytes the method adds to the K/V now: every layer's validity, arrival indices, buffered queries and
-        held-back tokens, plus the policy's per-sequence state (``policy.state_bytes()``)."""
-        state = getattr(self.policy, "state_bytes", None)
-        return sum(layer.bookkeeping_bytes for layer in self.layers) + (0 if state is None else state())
+        """Exact bytes the method adds to the K/V now: every class of :meth:`bytes_by_class` but ``kv`` (validity,
+        arrival indices, buffered queries, held-back tokens, the policy's per-sequence state)."""
+        classes = self.bytes_by_class()
+        return sum(classes.values()) - classes["kv"]
 
     @property
     def kv_bytes_peak(self) -> int:
@@ -242,6 +269,11 @@ class EvictingCache(Cache):
         sequence."""
         return self._peaks["total"]
 
+    @property
+    def total_bytes_peak_by_class(self) -> dict[str, int]:
+        """:meth:`bytes_by_class` at the moment :attr:`total_bytes_peak` was measured (its values sum to it)."""
+        return dict(self._peak_classes)
+
     def kept_per_layer(self) -> list[int]:
         """Physical slots N held now by each layer."""
         return [layer.num_slots for layer in self.layers]
@@ -253,8 +285,11 @@ class EvictingCache(Cache):
         return torch.stack([layer.attendable.sum(dim=-1).float().mean(dim=-1).cpu() for layer in self.layers], dim=1)
 
     def _track_peaks(self) -> None:
-        kv, policy = self.kv_bytes(), self.policy_bytes()
-        for name, value in (("kv", kv), ("policy", policy), ("total", kv + policy)):
+        classes = self.bytes_by_class()
+        total = sum(classes.values())
+        if total > self._peaks["total"] or not self._peak_classes:
+            self._peak_classes = classes
+        for name, value in (("kv", classes["kv"]), ("policy", total - classes["kv"]), ("total", total)):
             self._peaks[name] = max(self._peaks[name], value)
 
     def _start(self, batch_size: int, first_forward: int) -> None:

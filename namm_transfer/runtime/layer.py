@@ -198,7 +198,11 @@ class EvictingLayer(CacheLayerMixin):
     def record_queries(self, query: torch.Tensor) -> None:
         """Append a chunk's post-RoPE queries (B, Hq, q, D) to the recent-query buffer (if the policy reads them)."""
         if self.collect_queries:
-            self.queries = query if self.queries is None else torch.cat([self.queries, query], dim=2)
+            if self.queries is not None:
+                query = torch.cat([self.queries, query], dim=2)
+            elif query.untyped_storage().nbytes() > query.numel() * query.element_size():
+                query = query.clone()  # a segment of a longer chunk: hold its own queries only, not the chunk's
+            self.queries = query
 
     def keep(self, indices: torch.Tensor, visible: torch.Tensor | None = None) -> None:
         """Keep the slots ``indices`` (B, H, K) int64 of every (row, KV head), masking those where ``visible``
@@ -230,15 +234,21 @@ class EvictingLayer(CacheLayerMixin):
 
     @property
     def kv_bytes(self) -> int:
-        """Exact bytes of the physical keys and values held now."""
+        """Exact bytes of the physical keys and values held now (their storage, spare capacity included)."""
         return _nbytes(self.keys, self.values)
+
+    def bookkeeping_bytes_by_class(self) -> dict[str, int]:
+        """Exact bytes the method adds to the K/V in this layer, by what they hold: ``attendable`` (validity),
+        ``arrival`` (arrival indices), ``queries`` (the recent-query buffer) and ``incoming`` (tokens of the current
+        chunk held back at a period boundary)."""
+        incoming = () if self.incoming is None else self.incoming
+        return {"attendable": _nbytes(self.attendable), "arrival": _nbytes(self.arrival),
+                "queries": _nbytes(self.queries), "incoming": _nbytes(*incoming)}
 
     @property
     def bookkeeping_bytes(self) -> int:
-        """Exact bytes the method adds to the K/V in this layer: validity, arrival indices, buffered queries and
-        held incoming tokens."""
-        incoming = () if self.incoming is None else self.incoming
-        return _nbytes(self.attendable, self.arrival, self.queries, *incoming)
+        """Exact bytes the method adds to the K/V in this layer (the sum of :meth:`bookkeeping_bytes_by_class`)."""
+        return sum(self.bookkeeping_bytes_by_class().values())
 
     def get_seq_length(self) -> int:
         """Tokens seen (absolute count), so that models and ``generate`` derive absolute positions."""
@@ -257,4 +267,11 @@ class EvictingLayer(CacheLayerMixin):
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    """Bytes of the storage behind ``tensors``, each storage counted once: a view holds its whole storage alive, so
+    spare capacity (a slice of a larger chunk) is counted too."""
+    storages = {}
+    for tensor in tensors:
+        if tensor is not None:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

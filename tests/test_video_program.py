@@ -1,6 +1,7 @@
 """``python -m namm_transfer.video`` end to end on a tiny budget (embedded model with an untrained tower, two
 built-in questions of which one has a corrupt video, 4 frames each): every method answers, the corrupt video is a
-failed item with its reason and the run goes on, the table, summary and both plots are written, a rerun resumes
+failed item with its reason and the run goes on, the table, summary (with K/V, policy and total bytes) and the plots
+are written, a rerun resumes
 without recomputing, and bad input is one line with exit status 2."""
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, capsys):
     assert rows["full"]["kv_retained_pct"] == pytest.approx(100.0)
     assert rows["recency@0.5"]["kv_retained_pct"] < 70.0
     assert rows["recency@matched"]["kv_tokens_mean"] == pytest.approx(rows["namm"]["kv_tokens_mean"], abs=1.0)
+    for row in rows.values():  # the total is K/V + policy bytes summed at one moment: between the K/V peak and the sum
+        assert row["kv_mb_peak"] < row["total_mb_peak"] <= row["kv_mb_peak"] + row["policy_mb_peak"] + 1e-9
+    assert rows["namm"]["policy_mb_peak"] > rows["full"]["policy_mb_peak"] > 0  # the NAMM's queries and state
     assert (out / "accuracy_vs_kv.png").stat().st_size > 0 and (out / "frame_retention.png").stat().st_size > 0
+    assert (out / "accuracy_vs_memory.png").stat().st_size > 0
     full_folder = next(out.glob("*__full__full"))
     records = [json.loads(line) for line in (full_folder / "predictions.jsonl").read_text().splitlines()]
     failed = [r for r in records if "failed" in r]

@@ -8,8 +8,10 @@ llava-hf/LLaVA-NeXT-Video-7B-hf snapshot), ``--dataset`` with ``--data DIR`` a b
 
 One results folder per method (``predictions.jsonl``, ``metrics.json``, ``config.json``); a rerun of the same
 command skips finished items. A missing or corrupt video is recorded as a failed item with its reason. At the end:
-a table on stdout (accuracy with its 95% bootstrap interval, mean and peak KV tokens and bytes, tokens per second),
-``summary.json``, ``accuracy_vs_kv.png`` and ``frame_retention.png`` (frames x layers heat map per method).
+a table on stdout (accuracy with its 95% bootstrap interval, mean and peak KV tokens and bytes, the policy's bytes and
+the total K/V + policy bytes at their peak, tokens per second), ``summary.json``, ``accuracy_vs_kv.png`` (against
+retained KV %), ``accuracy_vs_memory.png`` (against the peak total bytes held) and ``frame_retention.png`` (frames x
+layers heat map per method).
 """
 
 from __future__ import annotations
@@ -124,7 +126,9 @@ def _parts(args) -> Path | None:
 
 def summarise(method: Method, questions: list[VideoQuestion], records: list[dict]) -> dict:
     """Accuracy (%, the dataset's rule) with its 95% bootstrap interval over answered questions, failures, mean
-    retained KV (%), mean and peak KV tokens per layer, mean and largest peak KV bytes, tokens per second."""
+    retained KV (%), mean and peak KV tokens per layer, mean and largest peak KV bytes, mean peak policy bytes (what
+    the method adds to the K/V) and mean and largest peak total bytes (K/V + policy, summed at the same moment),
+    tokens per second. Records written before policy bytes were recorded leave those columns out."""
     from namm_transfer.evals.stats import bootstrap_mean_interval
 
     answered = [r for r in records if "failed" not in r]
@@ -143,6 +147,11 @@ def summarise(method: Method, questions: list[VideoQuestion], records: list[dict
         "kv_mb_peak_max": max(r["kv_bytes_peak"] for r in answered) / 2**20,
         "tokens_per_s": mean("tokens_per_second"),
     })
+    if all("total_bytes_peak" in r for r in answered):
+        row.update({
+            "policy_mb_peak": mean("policy_bytes_peak") / 2**20, "total_mb_peak": mean("total_bytes_peak") / 2**20,
+            "total_mb_peak_max": max(r["total_bytes_peak"] for r in answered) / 2**20,
+        })
     return row
 
 
@@ -161,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # heavy imports after the arguments are known to be good
     from namm_transfer.evals.report import RunFolder, format_table, plot_score_vs_memory, run_name
     from namm_transfer.video.evaluation import VideoEvaluator, load_video_model, mean_heat_map
-    from namm_transfer.video.plots import plot_frame_retention
+    from namm_transfer.video.plots import plot_accuracy_vs_memory, plot_frame_retention
 
     use_namm = "namm" in rules and (args.namm is None or args.namm.lower() != "none")
     namm = load_namm_option(args.namm) if use_namm else None
@@ -222,12 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps({"dataset": dataset, "model": loaded.name, "methods": rows},
                                                  indent=2) + "\n")
     columns = ["method", "answered", "failed", "accuracy", "acc_low", "acc_high", "kv_retained_pct",
-               "kv_tokens_mean", "kv_tokens_peak", "kv_mb_peak", "kv_mb_peak_max", "tokens_per_s"]
+               "kv_tokens_mean", "kv_tokens_peak", "kv_mb_peak", "kv_mb_peak_max", "policy_mb_peak", "total_mb_peak",
+               "total_mb_peak_max", "tokens_per_s"]
     print(format_table(rows, columns))
     plotted = [r for r in rows if "accuracy" in r]
     if plotted:
         plot_score_vs_memory(plotted, out / "accuracy_vs_kv.png", score_key="accuracy",
                              title=f"{dataset} / {loaded.name}")
+    if any("total_mb_peak" in r for r in plotted):
+        plot_accuracy_vs_memory([r for r in plotted if "total_mb_peak" in r], out / "accuracy_vs_memory.png",
+                                title=f"{dataset} / {loaded.name}")
     if heat_maps:
         plot_frame_retention(heat_maps, out / "frame_retention.png", title=f"{dataset} / {loaded.name}")
     print(f"results: {out}")

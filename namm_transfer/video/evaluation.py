@@ -3,7 +3,9 @@
 Used by ``python -m namm_transfer.video``. A question's video is read and preprocessed
 (:mod:`namm_transfer.video.frames`), spliced into its prompt (:func:`embed_video_prompt`), prefilled in chunks and
 decoded greedily through the evicting runtime (:func:`answer_video`); the record holds the answer, its correctness
-under the dataset's rule, KV tokens and bytes, speed, the per-layer retention log (for matched budgets) and the
+under the dataset's rule, KV tokens and bytes, the bytes the method adds to them (validity, arrival indices, buffered
+queries, the policy's per-token state: ``EvictingCache.policy_bytes``) and the total, each at its peak and at the end,
+speed, the per-layer retention log (for matched budgets) and the
 per-frame retention binned into :data:`RETENTION_BINS` positions along the video (for the heat map). A video that
 cannot be read gives a record with ``failed`` set to the reason instead.
 """
@@ -143,6 +145,8 @@ class VideoEvaluator:
             "kv_retained": float(visible.mean()) / result.tokens_seen,
             "kv_tokens_peak": result.kv_bytes_peak / bytes_per_token / geometry.num_layers,
             "kv_bytes_peak": result.kv_bytes_peak, "kv_bytes_final": result.kv_bytes_final,
+            "policy_bytes_peak": result.policy_bytes_peak, "policy_bytes_final": result.policy_bytes_final,
+            "total_bytes_peak": result.total_bytes_peak, "total_bytes_final": result.total_bytes_final,
             "seconds": seconds, "tokens_per_second": (prompt.length + generated) / seconds,
             "retention": [[r.step, r.layer, r.slots_before, r.kept] for r in result.retention],
             "frame_retention": binned_frame_retention(

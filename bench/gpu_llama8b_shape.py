@@ -262,12 +262,14 @@ def section_prefill(args, device, model, started: float) -> dict:
             }
             rows.append(row)
             log(started, f"{length} tokens, {method}: {row['total_s']:.2f} s, peak KV "
-                         f"{row['kv_bytes_peak'] / 2**20:.0f} MiB")
+                         f"{row['kv_bytes_peak'] / 2**20:.0f} MiB, policy {row['policy_bytes_peak'] / 2**20:.1f} MiB, "
+                         f"total {row['total_bytes_peak'] / 2**20:.1f} MiB")
     full = {r["length"]: r for r in rows if r["method"] == "full" and "total_s" in r}
     for row in rows:
         if "total_s" in row and row["length"] in full:
             row["time_vs_full"] = row["total_s"] / full[row["length"]]["total_s"]
             row["peak_vs_full"] = row["kv_bytes_peak"] / full[row["length"]]["kv_bytes_peak"]
+            row["total_peak_vs_full"] = row["total_bytes_peak"] / full[row["length"]]["total_bytes_peak"]
     return {"bias": bias, "evicted_per_step_calibration": evicted, "stats_tokens": args.stats_tokens,
             "chunk_size": args.chunk_size, "update_every": args.update_every, "results": rows}
 
@@ -395,6 +397,8 @@ def summary(report: dict) -> str:
             lines.append(f"(d) {row['length']} {row['method']}: total {row['total_s']:.2f} s "
                          f"(x{row.get('time_vs_full', float('nan')):.2f} full), peak KV "
                          f"{row['kv_bytes_peak'] / 2**20:.0f} MiB (x{row.get('peak_vs_full', float('nan')):.2f}), "
+                         f"policy {row['policy_bytes_peak'] / 2**20:.1f} MiB, total "
+                         f"{row['total_bytes_peak'] / 2**20:.1f} MiB (x{row.get('total_peak_vs_full', float('nan')):.2f}), "
                          f"attention rows {row['attention_s']:.2f} s, policy {row['policy_s']:.2f} s")
     for name, error in report["errors"].items():
         lines.append(f"error in {name}: {error}")

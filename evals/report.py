@@ -196,27 +196,40 @@ def plot_score_vs_memory(
     memory_key: str = "kv_retained_pct",
     method_key: str = "method",
     title: str | None = None,
+    label_key: str | None = None,
+    memory_label: str = "mean retained KV cache (%)",
+    interval_key: str | None = None,
+    score_label: str | None = None,
 ) -> Path:
-    """Score against mean retained KV (%) as a PNG: one marker style per method, its points joined in order
-    of memory, each method in the legend and each point labelled with its method name."""
+    """Score against memory as a PNG: one marker style per ``method_key`` value (a curve), its points joined in
+    order of memory, each curve in the legend and each point labelled with its ``label_key`` (default
+    ``method_key``). ``interval_key`` names a (low, high) score interval drawn as a vertical error bar; the axes
+    are titled ``memory_label`` and ``score_label`` (default ``score_key``)."""
     if not rows:
         raise ValueError("plot_score_vs_memory needs at least one row")
-    by_method: dict[str, list[tuple[float, float]]] = {}
+    label_key = label_key or method_key
+    by_method: dict[str, list[tuple[float, float, str, tuple[float, float] | None]]] = {}
     for row in rows:
-        missing = [k for k in (score_key, memory_key, method_key) if k not in row]
+        required = [score_key, memory_key, method_key, label_key] + ([interval_key] if interval_key else [])
+        missing = [k for k in dict.fromkeys(required) if k not in row]
         if missing:
             raise ValueError(f"row {dict(row)} lacks {', '.join(missing)}")
-        by_method.setdefault(str(row[method_key]), []).append((float(row[memory_key]), float(row[score_key])))
+        interval = tuple(map(float, row[interval_key])) if interval_key else None
+        by_method.setdefault(str(row[method_key]), []).append(
+            (float(row[memory_key]), float(row[score_key]), str(row[label_key]), interval))
     figure = Figure(figsize=(6, 4.5))
     axes = figure.add_subplot()
     for i, (method, points) in enumerate(by_method.items()):
-        points.sort()
-        xs, ys = zip(*points)
-        axes.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], linestyle="-", label=method)
-        for x, y in points:
-            axes.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    axes.set_xlabel("mean retained KV cache (%)")
-    axes.set_ylabel(score_key)
+        points.sort(key=lambda p: (p[0], p[1]))
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        line = axes.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], linestyle="-", label=method)[0]
+        for x, y, label, interval in points:
+            if interval is not None:
+                axes.errorbar(x, y, yerr=[[y - interval[0]], [interval[1] - y]], color=line.get_color(),
+                              capsize=3, linewidth=0.8)
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes.set_xlabel(memory_label)
+    axes.set_ylabel(score_label or score_key)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     if title:

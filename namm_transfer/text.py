@@ -1,21 +1,27 @@
-"""``python -m namm_transfer.text``: score and KV memory of a model on long-context text tasks, under the full
-cache, a NAMM, and every baseline at the NAMM's matched budget and at fixed ratios.
+"""``python -m namm_transfer.text``: score and memory of a model on long-context text tasks, under the full
+cache, a NAMM at one or more keep biases, and every baseline at each NAMM's matched budget and at fixed ratios.
 
-One results folder per method (``predictions.jsonl``, ``metrics.json``, ``config.json``); a rerun of the same
-command skips finished items. At the end: a table on stdout, ``summary.json``, a score-vs-KV-memory plot and a
-per-layer retention plot in the output folder.
+Per item and method: the greedy answer's score, the memory held (K/V, the policy's own bytes, their total) and,
+with ``--dense``, the mean per-token log-probability of the reference answer read through the same evicting
+cache (teacher forcing). One results folder per method (``predictions.jsonl``, ``metrics.json``,
+``config.json``); a rerun of the same command skips finished items. At the end: a table of each method (score
+and answer log-probability with bootstrap 95% intervals over items, memory) and a table of paired differences
+(each NAMM minus the full cache and minus each baseline at its matched budget) on stdout, ``summary.json``, a
+score-vs-total-memory plot (the NAMM's keep-bias curve against the baselines, ``score_vs_memory.png``), a
+score-vs-retained-KV plot and a per-layer retention plot in the output folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from namm_transfer.answer_likelihood import ANSWER_TOKENS, answer_likelihood
 from namm_transfer.cli import (
     ArgumentParser,
     FloatRange,
@@ -32,7 +38,6 @@ from namm_transfer.evals import longbench
 from namm_transfer.evals.report import RunFolder, format_table, plot_retention_per_layer, plot_score_vs_memory, run_name
 from namm_transfer.evals.text_tasks import TASKS, TextItem, build_suite, token_counter
 from namm_transfer.methods import (
-    MATCHED,
     RULES,
     SHIPPED_NAMM,
     Method,
@@ -46,9 +51,12 @@ from namm_transfer.namm.budget import RetentionRecord
 from namm_transfer.namm.checkpoint import NammWeights, check_namm_settings
 from namm_transfer.run_lock import RunLock, check_not_locked
 from namm_transfer.text_eval import CHUNK_TOKENS, PERIOD_TOKENS, PROMPT_TOKENS, SEED, TextGenerator
+from namm_transfer.text_summary import DENSE, MEMORY_FIELDS, MIB, method_table, paired_differences, paired_table, summarise
 
 INTERRUPTED = "interrupted: every finished item is saved in the results folder; rerun the same command to resume"
 ITEMS = IntRange(1, 10_000)
+KEEP_BIAS = FloatRange(-1000.0, 1000.0)
+"""Keep biases the program accepts (added to the NAMM's scores; its threshold is 0)."""
 LONGBENCH_LIMIT = IntRange(1, 1_000_000)
 MAX_PROMPT_TOKENS = IntRange(64, 1_048_576)
 RESULTS_BYTES = 16 * 2**20
@@ -60,6 +68,13 @@ def parser() -> ArgumentParser:
     add_model_options(p)
     p.add_argument("--namm", default=None,
                    help="NAMM weights, a folder or either file (default: the shipped NAMM); 'none' to skip")
+    p.add_argument("--namm-bias", type=float_list(KEEP_BIAS), default=(0.0,),
+                   help=f"keep biases of the NAMM, comma-separated ({KEEP_BIAS}); each is its own method (namm, "
+                        "namm@+0.5, ...) with its own matched baselines; write --namm-bias=-1,0,1 when the first "
+                        "is negative")
+    p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score the mean per-token log-probability of the reference answer (its first "
+                        f"{ANSWER_TOKENS} tokens) under each method: one teacher-forced pass per item")
     p.add_argument("--tasks", type=name_list, default=TASKS, help=f"built-in tasks, comma-separated ({','.join(TASKS)})")
     p.add_argument("--split", default="heldout", choices=("train", "heldout"))
     p.add_argument("--items", type=ITEMS, default=2, help=f"items per built-in task ({ITEMS})")
@@ -113,7 +128,12 @@ def check_arguments(args) -> tuple[NammWeights | None, list[Method], list[TextIt
     namm = load_namm_option(args.namm) if use_namm else None
     if namm is not None:
         check_namm_settings(namm, args.namm or f"the shipped NAMM ({SHIPPED_NAMM})", update_every=args.update_every)
-    methods = comparison(args.methods, args.ratios, with_namm=namm is not None)
+    if namm is None and tuple(args.namm_bias) != (0.0,):
+        raise InputError("--namm-bias needs the NAMM: add 'namm' to --methods and do not pass --namm none")
+    try:
+        methods = comparison(args.methods, args.ratios, with_namm=namm is not None, keep_biases=args.namm_bias)
+    except ValueError as error:
+        raise InputError(f"--namm-bias: {error}") from None
     if not methods:
         raise InputError("no method to run: --methods names only 'namm' but --namm is 'none'")
     check_output_dir(args.out, "--out", RESULTS_BYTES)
@@ -121,28 +141,13 @@ def check_arguments(args) -> tuple[NammWeights | None, list[Method], list[TextIt
     return namm, methods, longbench_items
 
 
-def _retention(record: dict) -> list[RetentionRecord]:
-    return [RetentionRecord(*row) for row in record["retention"]]
+def _retention(rows: list[list[int]]) -> list[RetentionRecord]:
+    """A retention log from its JSON rows ``[step, layer, slots_before, kept]``."""
+    return [RetentionRecord(*row) for row in rows]
 
 
-def summarise(method: Method, records: list[dict]) -> dict:
-    """Metrics of one method over its finished records: score (0-100) overall and per task, mean retained
-    KV (%), per-layer retention (%), mean peak KV bytes and seconds per item."""
-    by_task: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        by_task[r["task"]].append(r["score"])
-    num_layers = len(records[0]["kept_per_layer"])
-    per_layer = [100 * sum(r["kept_per_layer"][i] for r in records) / len(records) for i in range(num_layers)]
-    return {
-        "method": method.label,
-        "items": len(records),
-        "score": 100 * sum(r["score"] for r in records) / len(records),
-        "kv_retained_pct": 100 * sum(r["kv_retained"] for r in records) / len(records),
-        "kv_bytes_peak": sum(r["kv_bytes_peak"] for r in records) / len(records),
-        "seconds_per_item": sum(r["seconds"] for r in records) / len(records),
-        "per_task": {t: 100 * sum(v) / len(v) for t, v in sorted(by_task.items())},
-        "kept_per_layer_pct": per_layer,
-    }
+def _retention_rows(retention: list[RetentionRecord]) -> list[list[int]]:
+    return [[r.step, r.layer, r.slots_before, r.kept] for r in retention]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,27 +175,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     folders = {}
     for method in methods:  # every identity is checked before anything is written
-        folder = RunFolder(out, run_name(dataset, loaded.name, method.rule, method.budget))
+        folder = RunFolder(out, run_name(dataset, loaded.name, method.rule, method.run_budget))
         folder.start({**base_config, "method": method.label, "seed": args.seed})
         folders[method] = folder
     with RunLock(out):
         for folder in folders.values():
             folder.repair()
-        rows = evaluate(folders, items, generator, namm, args.seed, str(args.device))
-        (out / "summary.json").write_text(json.dumps({"dataset": dataset, "model": loaded.name, "methods": rows},
-                                                     indent=2) + "\n")
-        print(format_table(rows, ["method", "items", "score", "kv_retained_pct", "kv_bytes_peak", "seconds_per_item"]))
-        plot_score_vs_memory(rows, out / "score_vs_kv.png", title=f"{dataset} / {loaded.name}")
-        plot_retention_per_layer({r["method"]: r["kept_per_layer_pct"] for r in rows}, out / "retention_per_layer.png")
+        rows, paired = evaluate(folders, items, generator, namm, args.seed, str(args.device), args.dense)
+        summary = {"dataset": dataset, "model": loaded.name, "methods": rows, "paired": paired}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        report(rows, paired, out, f"{dataset} / {loaded.name}")
     print(f"results: {out}")
     return 0
 
 
-def evaluate(folders: dict[Method, RunFolder], items: list[TextItem], generator, namm: NammWeights | None,
-             seed: int, device: str) -> list[dict]:
-    """Answer every unfinished item with every method (appending to its folder), then write and return each
-    method's metrics."""
-    namm_records: dict[str, dict] = {}
+def report(rows: list[dict], paired: list[dict], out: Path, title: str) -> None:
+    """Print the method table and the paired-difference table; write the plots to ``out``."""
+    print(format_table(method_table(rows)))
+    if paired:
+        print("\npaired differences on the same items (NAMM minus the other; score in points, 0-100):")
+        print(format_table(paired_table(paired)))
+    curves = [{**row, "total_mib_peak": row["total_bytes_peak"] / MIB} for row in rows
+              if row["total_bytes_peak"] is not None]
+    if curves:
+        plot_score_vs_memory(curves, out / "score_vs_memory.png", memory_key="total_mib_peak", method_key="curve",
+                             label_key="method", interval_key="score_ci95", title=title,
+                             memory_label="mean peak memory per item (MiB: K/V + policy state)",
+                             score_label="score (0-100, 95% CI)")
+    plot_score_vs_memory(rows, out / "score_vs_kv.png", method_key="curve", label_key="method", title=title,
+                         score_label="score (0-100)")
+    plot_retention_per_layer({r["method"]: r["kept_per_layer_pct"] for r in rows}, out / "retention_per_layer.png")
+
+
+def evaluate(folders: dict[Method, RunFolder], items: list[TextItem], generator: TextGenerator,
+             namm: NammWeights | None, seed: int, device: str, dense: bool = True) -> tuple[list[dict], list[dict]]:
+    """Answer every unfinished item with every method (appending to its folder; with ``dense`` also score the
+    reference answer), then write each method's metrics; returns them and the paired differences.
+
+    A matched baseline replays the retention of its NAMM (``method.namm_source``) on the same item: the log of
+    the NAMM's answer for the answer, the log of the NAMM's teacher-forced pass for the dense score (a NAMM
+    record written without the dense pass leaves its matched baselines without one)."""
+    sources: dict[Method, dict[str, dict]] = {}
     with tqdm(total=len(folders) * len(items), desc="text eval", unit="run") as progress:  # closed before any error line
         for method, folder in folders.items():
             done = folder.done_ids()
@@ -199,29 +224,39 @@ def evaluate(folders: dict[Method, RunFolder], items: list[TextItem], generator,
                 if item.item_id in done:
                     progress.update()
                     continue
-                retention = None
-                if method.budget == MATCHED:
-                    if not namm_records:
-                        namm_records = {r["item_id"]: r for r in folders[Method("namm")].predictions()}
-                    retention = _retention(namm_records[item.item_id])
-                policy = build_policy(method, namm, retention, seed=seed, device=device)
-                run = generator.run(item, policy)
+                source = method.namm_source
+                if source is not None and source not in sources:
+                    sources[source] = {r["item_id"]: r for r in folders[source].predictions()}
+                namm_record = None if source is None else sources[source][item.item_id]
+                retention = None if namm_record is None else _retention(namm_record["retention"])
+                run = generator.run(item, build_policy(method, namm, retention, seed=seed, device=device))
                 record = {
                     "item_id": item.item_id, "task": item.task, "prediction": run.predictions[0],
                     "answers": item.answers, "score": item.score(run.predictions[0]),
                     "kv_retained": run.kv_retained[0], "kept_per_layer": run.kept_per_layer,
-                    "kv_bytes_peak": run.kv_bytes_peak, "prompt_tokens": run.prompt_tokens, "seconds": run.seconds,
+                    **{key: getattr(run, key) for key in MEMORY_FIELDS},
+                    "prompt_tokens": run.prompt_tokens, "seconds": run.seconds,
                 }
                 if method.rule == "namm":
-                    record["retention"] = [[r.step, r.layer, r.slots_before, r.kept] for r in run.retention]
+                    record["retention"] = _retention_rows(run.retention)
+                answer_log = None if namm_record is None else namm_record.get("answer_retention")
+                if dense and (namm_record is None or answer_log is not None):
+                    answer_retention = None if answer_log is None else _retention(answer_log)
+                    scored = answer_likelihood(
+                        generator, item, build_policy(method, namm, answer_retention, seed=seed, device=device))
+                    record[DENSE] = scored.mean_log_prob[0]
+                    record["answer_tokens"] = scored.answer_tokens
+                    if method.rule == "namm":
+                        record["answer_retention"] = _retention_rows(scored.retention)
                 folder.append_prediction(record)
                 progress.update()
-    rows = []
+    rows, records = [], {}
     for method, folder in folders.items():
-        metrics = summarise(method, folder.predictions())
+        records[method] = folder.predictions()
+        metrics = summarise(method, records[method])
         folder.write_metrics(metrics)
         rows.append(metrics)
-    return rows
+    return rows, paired_differences(records)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Answering one text item with one eviction policy, and measuring what it cost in KV memory.
+"""Answering one text item with one eviction policy, and measuring what it cost in memory (K/V and the policy's
+own bytes). The dense alternative, the reference answer's likelihood, is :mod:`namm_transfer.answer_likelihood`.
 
 Used by the text evaluation program (``python -m namm_transfer.text``), the demo and the evolution fitness.
 Several batch rows can answer the same prompt at once (one per NAMM population member, docs/algorithm.md §5.5).
@@ -41,6 +42,11 @@ class ItemRun:
         kept_per_layer: per layer, visible slots at the end / tokens seen, averaged over rows.
         kv_bytes_peak: largest physical K/V bytes held at any time (all rows).
         kv_bytes_final: physical K/V bytes held at the end (all rows).
+        policy_bytes_peak: largest bytes the method adds to the K/V at any time (validity, arrival indices,
+            buffered queries, the policy's per-token state; all rows).
+        policy_bytes_final: those bytes at the end.
+        total_bytes_peak: largest K/V + policy bytes at any time (not the sum of the two peaks).
+        total_bytes_final: K/V + policy bytes at the end.
         prompt_tokens: prompt length L.
         tokens_seen: tokens fed (prompt plus generated tokens fed back).
         seconds: prefill + decoding wall time.
@@ -52,6 +58,10 @@ class ItemRun:
     kept_per_layer: list[float]
     kv_bytes_peak: int
     kv_bytes_final: int
+    policy_bytes_peak: int
+    policy_bytes_final: int
+    total_bytes_peak: int
+    total_bytes_final: int
     prompt_tokens: int
     tokens_seen: int
     seconds: float
@@ -126,6 +136,10 @@ class TextGenerator:
             kept_per_layer=per_layer,
             kv_bytes_peak=result.kv_bytes_peak,
             kv_bytes_final=result.kv_bytes_final,
+            policy_bytes_peak=result.policy_bytes_peak,
+            policy_bytes_final=result.policy_bytes_final,
+            total_bytes_peak=result.total_bytes_peak,
+            total_bytes_final=result.total_bytes_final,
             prompt_tokens=input_ids.shape[1],
             tokens_seen=result.tokens_seen,
             seconds=result.prefill_seconds + result.decode_seconds,

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from namm_transfer.evals.control import ControlEnv, normalized_score
+from namm_transfer.evals import stats
 from namm_transfer.evals.stats import bootstrap_mean_interval
 
 
@@ -60,11 +61,13 @@ def condition_metrics(
 
 def paired_difference(records_a: Sequence[Mapping], records_b: Sequence[Mapping], env: ControlEnv) -> dict | None:
     """D4RL score of A minus B on the episodes both ran (same ``item_id``): mean and bootstrap 95% interval, or
-    None when they share no episode."""
-    by_id = {r["item_id"]: r["episode_return"] for r in records_b}
-    pairs = [(r["episode_return"], by_id[r["item_id"]]) for r in records_a if r["item_id"] in by_id]
-    if not pairs:
+    None when they share no episode (:func:`namm_transfer.evals.stats.paired_difference`)."""
+
+    def scores(records: Sequence[Mapping]) -> dict:
+        normalised = env.d4rl_normalized(np.array([r["episode_return"] for r in records]))
+        return {r["item_id"]: float(score) for r, score in zip(records, np.atleast_1d(normalised))}
+
+    difference = stats.paired_difference(scores(records_a), scores(records_b))
+    if difference is None:
         return None
-    a, b = (np.array(x) for x in zip(*pairs))
-    diff = env.d4rl_normalized(a) - env.d4rl_normalized(b)
-    return {"episodes": len(pairs), "mean": float(diff.mean()), "ci95": list(bootstrap_mean_interval(diff))}
+    return {"episodes": difference.pop("items"), **difference}

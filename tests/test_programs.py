@@ -98,7 +98,8 @@ def test_text_program_writes_results_and_resumes(tmp_path, evicting_namm):
 
 def test_one_evolution_generation_runs_and_resumes_exactly(tmp_path):
     common = ("--population", "4", "--prompts-per-task", "1", "--pool-size", "1", "--length", "256",
-              "--update-every", "128", "--members-per-batch", "4", "--init-score", "0.2", "--quiet")
+              "--update-every", "128", "--members-per-batch", "4", "--init-score", "0.2", "--quiet",
+              "--validation-items", "1", "--validate-every", "1")
     straight = program("namm_transfer.evolve", "--run-dir", str(tmp_path / "a"), "--stage", "passkey:2", *common,
                        "--export", str(tmp_path / "exported"))
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -116,9 +117,15 @@ def test_one_evolution_generation_runs_and_resumes_exactly(tmp_path):
     assert [r["member_fitness"] for r in log_a] == [r["member_fitness"] for r in log_b]
     a, b = load_namm(tmp_path / "a" / "mean"), load_namm(tmp_path / "b" / "mean")
     assert torch.equal(a.params, b.params) and torch.equal(a.norm_mean, b.norm_mean)
+    assert "signal: rank correlation" not in straight.stdout  # one prompt per generation: no halves to compare
+    validations = [json.loads(line) for line in (tmp_path / "a" / "validation.jsonl").read_text().splitlines()]
+    assert [v["generations"] for v in validations] == [0, 1, 2]
+    assert all(v["fitness"] == v["dense"] and 0 < v["kv_retained"] <= 1 for v in validations)  # no memory weight
+    best = max(validations, key=lambda v: (v["fitness"], -v["generations"]))
     exported = load_namm(tmp_path / "exported")
-    assert torch.equal(exported.params, a.params)
+    assert torch.equal(exported.params, load_namm(tmp_path / "a" / "best").params)
     provenance = exported.provenance
+    assert f"after {best['generations']} generations" in provenance["exported"]
     assert provenance["generations"] == 2 and len(provenance["fitness_history"]) == 2
     assert provenance["command"].startswith("python -m namm_transfer.evolve")
     assert provenance["base_model"] == "smollm2" and np.isfinite(provenance["wall_seconds"])

@@ -4,7 +4,10 @@ docs/algorithm.md §5.3: stages run one after another on **one** CMA-ES whose wh
 counter) carries across stage boundaries, and the generation counter is shared by all stages: stage s runs
 generations ``sum(g_0..g_{s-1})`` to ``sum(g_0..g_s) - 1``. §5.6: normalisation statistics are estimated
 once, before generation 0 of stage 0, and frozen. Unlike the official code, stages chain through the latest
-state, not a best-evaluation checkpoint (periodic evaluation of the mean is the caller's business).
+state, not a best-evaluation checkpoint. §5.4 evaluates the mean every 10 generations: given a ``validate``
+function, the mean is validated before generation 0 and every ``validate_every`` generations (and after the
+last), each result appended to ``validation.jsonl``, and the best validated mean kept in ``best/``
+(:mod:`namm_transfer.evolve.state`).
 
 :func:`evolve` checkpoints after every generation (:mod:`namm_transfer.evolve.state`); calling it again on
 the same ``run_dir`` skips the completed generations and continues bit-identically. A rerun may append
@@ -27,10 +30,12 @@ from namm_transfer.evolve.state import (
     MeanSaver,
     RunState,
     append_log,
+    append_validation,
     generation_record,
     resume,
     save_state,
     trim_log,
+    validated_generations,
 )
 from namm_transfer.evolve.strategy import CmaEs, EvolutionConfig
 
@@ -82,6 +87,9 @@ class FitnessResult:
                 raise ValueError(f"FitnessResult.extra[{name!r}] has shape {values.shape}, expected {self.fitness.shape}")
 
 
+ValidateFn = Callable[[np.ndarray, "dict[str, np.ndarray] | None"], dict]
+"""``validate(mean (n,), statistics) -> {"fitness": float, ...}``: higher is better; every other key is logged."""
+
 FitnessFn = Callable[[np.ndarray, int, Stage, "dict[str, np.ndarray] | None"], FitnessResult]
 """``fitness_fn(members (K, n) float64, generation, stage, statistics) -> FitnessResult`` of K members.
 
@@ -98,13 +106,13 @@ def _stage_of(stages: list[Stage], generation: int) -> int:
 
 def _start_state(
     config: EvolutionConfig, run_dir: Path, stages: list[Stage], total: int,
-    estimate_statistics: Callable[[], dict] | None, save_mean: MeanSaver | None,
+    estimate_statistics: Callable[[], dict] | None, save_mean: MeanSaver | None, initial_mean: np.ndarray | None,
 ) -> RunState:
     """Rank 0: the state to continue from (a fresh one or the checkpoint), statistics estimated if due."""
     run_dir.mkdir(parents=True, exist_ok=True)
     state = resume(run_dir)
     if state is None:
-        state = RunState(CmaEs(config))
+        state = RunState(CmaEs(config, initial_mean))
     else:
         if state.strategy.config != config:
             raise CheckpointError(
@@ -143,6 +151,9 @@ def evolve(
     world: World | None = None,
     progress: bool = True,
     stop_after_seconds: float | None = None,
+    initial_mean: np.ndarray | None = None,
+    validate: ValidateFn | None = None,
+    validate_every: int = 10,
 ) -> RunState | None:
     """Run (or continue) CMA-ES over ``stages``, checkpointing into ``run_dir`` after every generation.
 
@@ -159,6 +170,10 @@ def evolve(
         progress: show a tqdm bar over generations (rank 0).
         stop_after_seconds: stop cleanly after the first generation that ends this long after the call
             began (the run resumes later from its checkpoint); None = run every generation of ``stages``.
+        initial_mean: (n,) the CMA-ES mean of a fresh run (e.g. a warm start); default: zeros but the read-out
+            bias, ``config.init_score``. Ignored when the run resumes.
+        validate: see :data:`ValidateFn` (rank 0 only); None = no validation.
+        validate_every: generations between validations.
 
     Returns:
         The final :class:`RunState` on rank 0, None on other ranks.
@@ -172,8 +187,19 @@ def evolve(
     members = world.member_slice(population_size)
     total = sum(stage.generations for stage in stages)
 
-    state = _start_state(config, run_dir, stages, total, estimate_statistics, save_mean) if world.is_main else None
+    if validate_every < 1:
+        raise ValueError(f"validate_every must be >= 1, got {validate_every}")
+    state = (_start_state(config, run_dir, stages, total, estimate_statistics, save_mean, initial_mean)
+             if world.is_main else None)
     start, statistics = world.broadcast_object((state.generation, state.statistics) if world.is_main else None)
+
+    def validate_if_due(completed: int) -> None:  # rank 0: the mean after ``completed`` generations
+        due = completed == 0 or completed % validate_every == 0 or completed == total
+        if validate is not None and due and completed not in validated_generations(run_dir):
+            append_validation(run_dir, completed, validate(state.strategy.mean, statistics), state, save_mean)
+
+    if world.is_main:
+        validate_if_due(start)
 
     bar = tqdm(total=total, initial=start, unit="gen", desc="evolve", disable=not (progress and world.is_main))
     called = time.perf_counter()
@@ -203,6 +229,7 @@ def evolve(
                                            time.perf_counter() - began)
                 append_log(run_dir, record)
                 save_state(run_dir, state, save_mean)
+                validate_if_due(generation + 1)
                 bar.set_postfix(stage=stage.name, best=f"{fitness.max():.4g}", sigma=f"{state.strategy.sigma:.3g}")
             bar.update(1)
     finally:

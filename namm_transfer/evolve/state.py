@@ -12,6 +12,9 @@ Layout of ``run_dir`` (docs/algorithm.md §5.4 keeps the same information in ``l
   generation k is sampled), written by a :data:`MeanSaver` (:func:`namm_mean_saver` writes a NAMM file);
   ``mean`` is a symlink to the newest one. Older folders are removed.
 * ``log.jsonl``: one JSON object per generation (see :func:`generation_record`).
+* ``validation.jsonl``: one JSON object per validation of the mean (``generations`` completed before it, the
+  validation's ``fitness`` and metrics; :func:`append_validation`), and ``best/`` the best validated mean,
+  written by the same :data:`MeanSaver`; the export takes it (namm-spec §5.4 evaluates every 10 generations).
 
 Writes are atomic: files are written under a temporary name and moved with ``os.replace``; the weights
 folder gets a fresh unique name and the ``mean`` symlink is swapped with ``os.replace``. A process killed
@@ -36,6 +39,7 @@ from typing import Callable
 import numpy as np
 
 from namm_transfer.atomic import atomic_write
+from namm_transfer.evolve.signal import fitness_signal
 from namm_transfer.evolve.strategy import CmaEs
 from namm_transfer.jsonl import JsonlFile
 from namm_transfer.namm.checkpoint import save_namm
@@ -46,6 +50,8 @@ STATE_NAME = "es_state.pkl"
 LOG_NAME = "log.jsonl"
 MEAN_LINK = "mean"
 WEIGHTS_DIR = "weights"
+VALIDATION_NAME = "validation.jsonl"
+BEST_DIR = "best"
 
 MeanSaver = Callable[[Path, np.ndarray, "dict[str, np.ndarray] | None", int], None]
 """``save(folder, mean (n,), statistics, completed_generations)``: writes the mean into a new ``folder``."""
@@ -148,11 +154,13 @@ def generation_record(
     Args:
         generation: 0-based index of the evaluated population (shared counter across stages).
         fitness: (P,) member fitness.
-        extra: name -> (P,) per-member metrics (e.g. retained KV fraction); logged as mean/max/min/std.
+        extra: name -> (P,) per-member metrics (e.g. retained KV fraction); logged as mean/max/min/std. When it
+            holds ``half_a`` and ``half_b`` (each member's score on two disjoint halves of the prompts), the
+            record also gets their ``signal`` (:func:`namm_transfer.evolve.signal.fitness_signal`).
         strategy: the CMA-ES after the tell (σ and the mean's L2 norm are logged).
         wall_s: seconds spent on ask, fitness and tell (the checkpoint write comes after).
     """
-    return {
+    record = {
         "generation": generation,
         "stage_index": stage_index,
         "stage": stage_name,
@@ -164,6 +172,9 @@ def generation_record(
         "wall_s": wall_s,
         "time": time.time(),
     }
+    if "half_a" in extra and "half_b" in extra:
+        record["signal"] = fitness_signal(extra["half_a"], extra["half_b"])
+    return record
 
 
 def _log(run_dir: str | Path) -> JsonlFile:
@@ -205,3 +216,44 @@ def namm_mean_saver(namm_config: NammConfig, provenance: dict) -> MeanSaver:
                   {**provenance, "generations": generations})
 
     return save
+
+
+def _validation_log(run_dir: str | Path) -> JsonlFile:
+    return JsonlFile(Path(run_dir) / VALIDATION_NAME, key="generations")
+
+
+def read_validation(run_dir: str | Path) -> list[dict]:
+    """Every validation record of ``run_dir`` in order (empty when the run validates nothing)."""
+    return _validation_log(run_dir).records()
+
+
+def validated_generations(run_dir: str | Path) -> set[int]:
+    """The completed-generation counts whose mean has been validated."""
+    return {record["generations"] for record in read_validation(run_dir)}
+
+
+def best_validation(run_dir: str | Path) -> dict | None:
+    """The validation record with the highest fitness (the earliest among equals), or None."""
+    records = read_validation(run_dir)
+    return max(records, key=lambda r: (r["fitness"], -r["generations"])) if records else None
+
+
+def append_validation(run_dir: str | Path, generations: int, result: dict, state: RunState,
+                      save_mean: MeanSaver | None) -> None:
+    """Log the validation of the mean after ``generations`` and, when it beats every earlier one, save that mean
+    as ``best/`` (atomically: written beside it, then moved in place)."""
+    if not isinstance(result, dict) or not np.isfinite(result.get("fitness", np.nan)):
+        raise ValueError(f"validate must return a dict with a finite 'fitness', got {result!r:.200}")
+    best = best_validation(run_dir)
+    record = {"generations": generations, **result, "time": time.time()}
+    if save_mean is not None and (best is None or result["fitness"] > best["fitness"]):
+        run_dir = Path(run_dir)
+        fresh = Path(tempfile.mkdtemp(prefix=f".{BEST_DIR}-", dir=run_dir))
+        save_mean(fresh, state.strategy.mean, state.statistics, generations)
+        old = run_dir / BEST_DIR
+        if old.exists():
+            retired = old.with_name(f".{BEST_DIR}-old-{os.getpid()}")
+            os.replace(old, retired)
+            shutil.rmtree(retired)
+        os.replace(fresh, old)
+    _validation_log(run_dir).append(record)

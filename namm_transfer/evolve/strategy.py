@@ -18,9 +18,11 @@ project's 2-core CPU (numpy 2.4, cma 4.5):
 * full: tell 0.2-0.5 s (λ = 8 to 32); ask 0.05-0.1 s, plus one 4172² eigendecomposition of 7-15 s inside
   ``ask`` every ~24 (λ = 32) or ~93 (λ = 8) generations, i.e. < 1 s per generation on average; the pickled
   state (C and B, 4172² float64 each) is 270 MB, checkpointed in about 0.8 s. This is the spec's algorithm
-  and the default.
+  and :class:`EvolutionConfig`'s default (``diagonal=False``).
 * diagonal: ask and tell < 0.01 s, pickled state 1-4 MB; learning rates are raised by (n + 1.5) / 3, so
-  per-coordinate step sizes adapt much faster, but no correlation between parameters is learnt.
+  per-coordinate step sizes adapt much faster, but no correlation between parameters is learnt. The program
+  ``python -m namm_transfer.evolve`` defaults to it (``--full-covariance`` switches to the full one): with the
+  few generations a CPU affords, the full covariance barely moves (c1 + cμ ≈ 1e-6 per generation).
 
 Randomness: every normal sample comes from a private ``numpy.random.Generator`` seeded with
 ``EvolutionConfig.seed`` and stored inside the pickled strategy, so pickling then unpickling gives
@@ -107,7 +109,9 @@ class CmaEs:
     Shapes: P = ``config.population_size``, n = ``config.num_params``.
     """
 
-    def __init__(self, config: EvolutionConfig) -> None:
+    def __init__(self, config: EvolutionConfig, initial_mean: np.ndarray | None = None) -> None:
+        """``initial_mean``: (n,) finite starting mean (e.g. a warm start); default zeros but the read-out bias,
+        ``config.init_score``."""
         self.config = config
         options = {
             "popsize": config.population_size,
@@ -119,8 +123,13 @@ class CmaEs:
             "verb_disp": 0,
             "verb_log": 0,  # no outcmaes/ files
         }
-        x0 = np.zeros(config.num_params, dtype=np.float64)
-        x0[-1] = config.init_score
+        if initial_mean is None:
+            x0 = np.zeros(config.num_params, dtype=np.float64)
+            x0[-1] = config.init_score
+        else:
+            x0 = np.array(initial_mean, dtype=np.float64)
+            if x0.shape != (config.num_params,) or not np.isfinite(x0).all():
+                raise ValueError(f"initial_mean must be ({config.num_params},) finite values, got shape {x0.shape}")
         self._es = cma.CMAEvolutionStrategy(x0, config.sigma0, options)
 
     def ask(self) -> np.ndarray:

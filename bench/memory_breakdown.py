@@ -18,8 +18,8 @@ attention rows of the recent queries, the STFT frames of every slot): ``step_wor
 allocation peak of one ``step_layers`` call above what was allocated before it, measured with torch's profiler (CPU
 allocations of the ops themselves; temporaries an op frees before it returns are not seen, so it is a lower bound).
 
-Run: ``OMP_NUM_THREADS=1 python bench/memory_breakdown.py`` (about 2 minutes on one CPU thread). The JSON goes to
-``bench/results/memory_breakdown.json`` unless ``--out`` says otherwise.
+Run: ``OMP_NUM_THREADS=1 python bench/memory_breakdown.py`` (about 10 minutes on one shared CPU thread; the profiler
+slows the NAMM steps). The JSON goes to ``bench/results/memory_breakdown.json`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations

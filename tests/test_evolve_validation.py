@@ -95,3 +95,19 @@ def test_a_run_starts_from_the_given_mean(tmp_path):
     evolve(record, CONFIG, tmp_path / "run", [Stage("s", ["t"], 1)], progress=False, initial_mean=start)
     assert np.abs(first[0] - start).max() < 0.5  # sampled around the given mean, not around zero
     assert np.abs(first[0]).mean() > 0.3
+
+
+def test_a_time_limited_stop_validates_the_mean_it_leaves(tmp_path):
+    calls = []
+
+    def validate(mean, statistics):
+        calls.append(mean.copy())
+        return {"fitness": float(-np.abs(mean).sum())}
+
+    run, stages = tmp_path / "run", [Stage("s", ["t"], 6)]
+    evolve(fitness, CONFIG, run, stages, progress=False, validate=validate, validate_every=5,
+           stop_after_seconds=1e-9)  # one generation, then out of time
+    assert [r["generations"] for r in read_validation(run)] == [0, 1]
+    assert np.array_equal(calls[-1], resume(run).strategy.mean)
+    evolve(fitness, CONFIG, run, stages, progress=False, validate=validate, validate_every=5)
+    assert [r["generations"] for r in read_validation(run)] == [0, 1, 5, 6]

@@ -5,8 +5,8 @@ counter) carries across stage boundaries, and the generation counter is shared b
 generations ``sum(g_0..g_{s-1})`` to ``sum(g_0..g_s) - 1``. §5.6: normalisation statistics are estimated
 once, before generation 0 of stage 0, and frozen. Unlike the official code, stages chain through the latest
 state, not a best-evaluation checkpoint. §5.4 evaluates the mean every 10 generations: given a ``validate``
-function, the mean is validated before generation 0 and every ``validate_every`` generations (and after the
-last), each result appended to ``validation.jsonl``, and the best validated mean kept in ``best/``
+function, the mean is validated when a run starts or resumes, every ``validate_every`` generations, after the last and
+when a time limit stops the run, each result appended to ``validation.jsonl``, and the best validated mean kept in ``best/``
 (:mod:`namm_transfer.evolve.state`).
 
 :func:`evolve` checkpoints after every generation (:mod:`namm_transfer.evolve.state`); calling it again on
@@ -193,13 +193,13 @@ def evolve(
              if world.is_main else None)
     start, statistics = world.broadcast_object((state.generation, state.statistics) if world.is_main else None)
 
-    def validate_if_due(completed: int) -> None:  # rank 0: the mean after ``completed`` generations
-        due = completed == 0 or completed % validate_every == 0 or completed == total
+    def validate_if_due(completed: int, due: bool) -> None:  # rank 0: the mean after ``completed`` generations
+        due = due or completed % validate_every == 0 or completed == total
         if validate is not None and due and completed not in validated_generations(run_dir):
             append_validation(run_dir, completed, validate(state.strategy.mean, statistics), state, save_mean)
 
     if world.is_main:
-        validate_if_due(start)
+        validate_if_due(start, due=True)  # the mean a run starts or resumes from
 
     bar = tqdm(total=total, initial=start, unit="gen", desc="evolve", disable=not (progress and world.is_main))
     called = time.perf_counter()
@@ -208,6 +208,8 @@ def evolve(
             if stop_after_seconds is not None and generation > start:
                 out_of_time = time.perf_counter() - called >= stop_after_seconds
                 if world.broadcast_object(out_of_time if world.is_main else None):
+                    if world.is_main:
+                        validate_if_due(generation, due=True)  # the mean a stopped run leaves
                     break
             began = time.perf_counter()
             stage_index = _stage_of(stages, generation)
@@ -229,7 +231,7 @@ def evolve(
                                            time.perf_counter() - began)
                 append_log(run_dir, record)
                 save_state(run_dir, state, save_mean)
-                validate_if_due(generation + 1)
+                validate_if_due(generation + 1, due=False)
                 bar.set_postfix(stage=stage.name, best=f"{fitness.max():.4g}", sigma=f"{state.strategy.sigma:.3g}")
             bar.update(1)
     finally:

@@ -26,7 +26,8 @@ def program(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.mark.parametrize("name", ["namm_transfer.demo", "namm_transfer.text", "namm_transfer.evolve"])
+@pytest.mark.parametrize("name", ["namm_transfer.demo", "namm_transfer.text", "namm_transfer.evolve",
+                                  "namm_transfer.evolve.warm_start"])
 def test_help(name):
     done = program(name, "--help")
     assert done.returncode == 0 and "usage:" in done.stdout
@@ -43,6 +44,10 @@ def test_help(name):
         (("namm_transfer.evolve", "--stage", "haystack:2"), "unknown task"),
         (("namm_transfer.evolve", "--population", "1"), "--population"),
         (("namm_transfer.evolve", "--update-every", "100"), "update_every"),
+        (("namm_transfer.evolve", "--init-from", "/no/such/namm"), "/no/such/namm"),
+        (("namm_transfer.evolve.warm_start", "--tasks", "passkey,nonsense"), "nonsense"),
+        (("namm_transfer.evolve.warm_start", "--items-per-task", "2", "--held-back", "2"), "--held-back"),
+        (("namm_transfer.evolve.warm_start", "--coverage", "1.5"), "--coverage"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args, message):

@@ -20,7 +20,7 @@ from namm_transfer.evals.text_tasks import TextItem
 from namm_transfer.namm.budget import RetentionRecord
 from namm_transfer.namm.interface import EvictionPolicy
 from namm_transfer.runtime.runner import EvictingRunner
-from namm_transfer.text_eval import TextGenerator
+from namm_transfer.text_eval import TextGenerator, kept_share
 
 ANSWER_TOKENS = 24
 """Reference answer tokens scored by default (field-notes §8 scored the first 24)."""
@@ -68,12 +68,10 @@ def answer_likelihood(
     continuation = answer_ids(generator, item, max_tokens)
     runner = EvictingRunner(generator.adapter, generator.model, policy, generator.runner_config)
     scored = runner.score_continuation(prompt, continuation)
-    managed = sorted(runner.geometry.managed_layers)
-    visible = scored.visible_per_layer[:, managed].float().sum(dim=1)
     return AnswerLikelihood(
         mean_log_prob=scored.log_probs.mean(dim=1).tolist(),
         answer_tokens=continuation.numel(),
-        kv_retained=(visible / (len(managed) * scored.tokens_seen)).tolist(),
+        kv_retained=kept_share(scored.visible_per_layer, runner.geometry.managed_layers, scored.tokens_seen),
         total_bytes_peak=scored.total_bytes_peak,
         retention=scored.retention,
     )

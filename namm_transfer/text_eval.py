@@ -68,6 +68,14 @@ class ItemRun:
     retention: list[RetentionRecord]
 
 
+def kept_share(visible_per_layer: torch.Tensor, managed_layers, tokens_seen: int) -> list[float]:
+    """Per row, the share of the full cache's KV memory still held: visible slots summed over the managed layers
+    / (managed layers x tokens seen). ``visible_per_layer`` is (B, num_layers)."""
+    managed = sorted(managed_layers)
+    visible = visible_per_layer[:, managed].float().sum(dim=1)
+    return (visible / (len(managed) * tokens_seen)).tolist()
+
+
 class TextGenerator:
     """Greedy answers from a causal LM whose KV cache an eviction policy manages.
 
@@ -126,9 +134,8 @@ class TextGenerator:
             if self.tokenizer.eos_token_id in row:
                 row = row[: row.index(self.tokenizer.eos_token_id)]
             predictions.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        managed = sorted(runner.geometry.managed_layers)
         visible = result.visible_per_layer.float()  # (B, num_layers)
-        per_row = (visible[:, managed].sum(dim=1) / (len(managed) * result.tokens_seen)).tolist()
+        per_row = kept_share(visible, runner.geometry.managed_layers, result.tokens_seen)
         per_layer = (visible.mean(dim=0) / result.tokens_seen).tolist()
         return ItemRun(
             predictions=predictions,

@@ -21,8 +21,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from namm_transfer import __version__
 from namm_transfer.atomic import atomic_write
 from namm_transfer.cli import ArgumentParser, FloatRange, InputError, IntRange, check_output_dir, run_program
@@ -44,14 +42,19 @@ from namm_transfer.evolve.state import (
     resume,
 )
 from namm_transfer.evolve.strategy import EvolutionConfig
-from namm_transfer.evolve.text_fitness import REFERENCES_NAME, SCORES, TextFitness, TextFitnessConfig
+from namm_transfer.evolve.text_fitness import (
+    REFERENCES_NAME,
+    SCORES,
+    TextFitness,
+    TextFitnessConfig,
+    frozen_stats,
+)
 from namm_transfer.evolve.validation import Validator, validation_items
 from namm_transfer.jsonl import JsonlFile
 from namm_transfer.methods import cache_config_for
 from namm_transfer.models import add_model_options, load_model, resolve_model
 from namm_transfer.namm.checkpoint import check_namm_settings, load_namm, namm_paths, save_namm
 from namm_transfer.namm.config import NUMERICS, NammConfig
-from namm_transfer.namm.features import NormalisationStats
 from namm_transfer.run_lock import RunLock, check_not_locked
 from namm_transfer.text_eval import CHUNK_TOKENS, PERIOD_TOKENS, PROMPT_TOKENS, TextGenerator
 
@@ -272,9 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                               fitness_config.depths), args.answer_tokens)
 
             def validate(mean, statistics):
-                stats = NormalisationStats(torch.as_tensor(statistics["norm_mean"], dtype=torch.float32),
-                                           torch.as_tensor(statistics["norm_var"], dtype=torch.float32))
-                result = validator(mean, stats, namm_config)
+                result = validator(mean, frozen_stats(statistics), namm_config)
                 penalty = args.memory_weight * max(0.0, result["kv_retained"] - args.memory_target)
                 return {"fitness": result["dense"] - penalty, **result}
 

@@ -96,6 +96,12 @@ class TextFitnessConfig:
             raise ValueError("invalid TextFitnessConfig: " + "; ".join(problems))
 
 
+def frozen_stats(statistics: dict[str, np.ndarray], device: torch.device | str = "cpu") -> NormalisationStats:
+    """The run's frozen statistics (``{"norm_mean": (17,), "norm_var": (17,)}``) as fp32 tensors on ``device``."""
+    return NormalisationStats(torch.as_tensor(statistics["norm_mean"], dtype=torch.float32, device=device),
+                              torch.as_tensor(statistics["norm_var"], dtype=torch.float32, device=device))
+
+
 class TextFitness:
     """Callable fitness for :func:`namm_transfer.evolve.loop.evolve`.
 
@@ -200,8 +206,7 @@ class TextFitness:
         if statistics is None:
             raise ValueError("the text fitness needs frozen normalisation statistics")
         device = self.generator.device
-        stats = NormalisationStats(torch.as_tensor(statistics["norm_mean"], dtype=torch.float32, device=device),
-                                   torch.as_tensor(statistics["norm_var"], dtype=torch.float32, device=device))
+        stats = frozen_stats(statistics, device)
         params = torch.as_tensor(members, dtype=torch.float32, device=device)
         policy = NammPolicy(self.namm_config, params, stats)
         count = members.shape[0]

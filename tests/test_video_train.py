@@ -52,6 +52,7 @@ def test_tiny_run_trains_the_vision_parts_only_and_resumes(tmp_path, capsys):
     log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and [r["stage"] for r in log] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and 0.0 <= log[-1]["heldout_accuracy"] <= 1.0
+    assert log[-1]["heldout_accuracy_by_kind"] == {"colour": log[-1]["heldout_accuracy"]}  # one item: kind 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     final = load_embedded_video_model(out)
     assert any(not torch.equal(v, before[k]) for k, v in trained_state(final.model).items()

@@ -14,7 +14,7 @@ the answer letter followed by ``<|im_end|>``, and the loss is the cross-entropy 
 model as generated (no codec round trip: the codec changes pixels by about 1.5 levels of 255 on average).
 
 Every ``--eval-every`` steps the held-out accuracy is measured on ``--eval-items`` held-out tasks as the share whose
-first answer token, greedily, is the right letter. Every step is logged to ``train_log.jsonl``; the trained parts
+first answer token, greedily, is the right letter (overall and per question kind). Every step is logged to ``train_log.jsonl``; the trained parts
 and the optimiser state are saved every ``--save-every`` steps, so a killed run continues with ``--resume``.
 """
 
@@ -139,17 +139,19 @@ def example_loss(video: VideoModel, example: Example) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_accuracy(video: VideoModel, items: int, num_frames: int) -> float:
-    """Share of the first ``items`` held-out tasks whose greedy first answer token is the right letter."""
+def heldout_accuracy(video: VideoModel, items: int, num_frames: int) -> tuple[float, dict[str, float]]:
+    """Share of the first ``items`` held-out tasks whose greedy first answer token is the right letter, overall and
+    per question kind (task ``index`` has kind ``KINDS[index % 4]``; a kind with no task among them is left out)."""
     video.model.eval()
-    right = 0
+    right = {kind: [] for kind in KINDS}
     for index in range(items):
         example = make_example(video, "heldout", index, num_frames)
         prompt = example.input_ids[: -len(example.target_ids)]
         logits = video.model(input_ids=prompt[None].to(video.model.device),
                              pixel_values_videos=example.pixels[None].to(video.model.device), logits_to_keep=1).logits
-        right += int(logits[0, -1].argmax()) == example.letter_id
-    return right / items
+        right[KINDS[index % len(KINDS)]].append(int(logits[0, -1].argmax()) == example.letter_id)
+    overall = sum(map(sum, right.values())) / items
+    return overall, {kind: sum(hits) / len(hits) for kind, hits in right.items() if hits}
 
 
 def example_frames(config: TrainConfig, index: int) -> int:
@@ -222,7 +224,8 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
                   "seconds": round(time.monotonic() - started, 1)}
         last = step == config.total_steps
         if (config.eval_every and step % config.eval_every == 0) or last:
-            record["heldout_accuracy"] = heldout_accuracy(video, config.eval_items, config.frames[0])
+            record["heldout_accuracy"], record["heldout_accuracy_by_kind"] = heldout_accuracy(
+                video, config.eval_items, config.frames[0])
         with open(out / LOG_FILE, "a") as log:
             log.write(json.dumps(record) + "\n")
         out_of_time = max_minutes is not None and time.monotonic() - started > 60 * max_minutes

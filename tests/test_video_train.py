@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from namm_transfer.video.lora import LORA_SUFFIXES, LoraConfig
 from namm_transfer.video.model import load_embedded_video_model, trained_state
 from namm_transfer.video.train import (
     LOG_FILE,
@@ -18,6 +19,7 @@ from namm_transfer.video.train import (
     learning_rate,
     main,
     make_example,
+    stage_of,
 )
 
 
@@ -67,3 +69,29 @@ def test_tiny_run_trains_the_vision_parts_only_and_resumes(tmp_path, capsys):
 def test_resume_needs_a_saved_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_state.pt"):
         main(["--out", str(tmp_path), "--resume"])
+
+
+def test_stage_zero_trains_only_the_adapters_on_text(tmp_path):
+    with pytest.raises(ValueError, match="need lora_rank"):
+        TrainConfig(text_steps=5)
+    config = TrainConfig(text_steps=4, projector_steps=2, tower_steps=2, warmup=1, lora_rank=2)
+    assert [stage_of(step, config) for step in range(8)] == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert learning_rate(0, config) == pytest.approx(config.text_lr)
+    assert learning_rate(4, config) == pytest.approx(config.projector_lr)
+    out = tmp_path / "run"
+    fresh = load_embedded_video_model(seed=0, lora=LoraConfig(rank=2), merge=False)
+    vision_before = {k: v.clone() for k, v in trained_state(fresh.model).items() if not k.endswith(LORA_SUFFIXES)}
+    args = ["--out", str(out), "--text-steps", "1", "--projector-steps", "0", "--tower-steps", "0", "--lora-rank", "2",
+            "--batch-size", "1", "--frames", "16", "--eval-items", "1", "--warmup", "1"]
+    assert main(args) == 0
+    record = json.loads((out / LOG_FILE).read_text().splitlines()[-1])
+    assert record["stage"] == 0 and 0.0 <= record["heldout_text_accuracy"] <= 1.0
+    trained = load_embedded_video_model(out, merge=False)
+    state = trained_state(trained.model)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if k.endswith(".lora_b"))
+    for name, tensor in vision_before.items():
+        assert torch.equal(state[name], tensor), name  # the vision parts did not move
+    base = {k: v for k, v in trained.model.model.language_model.state_dict().items() if not k.endswith(LORA_SUFFIXES)}
+    for name, tensor in fresh.model.model.language_model.state_dict().items():
+        if not name.endswith(LORA_SUFFIXES):
+            assert torch.equal(base[name], tensor), name  # nor did the language model's own weights

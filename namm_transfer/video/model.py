@@ -9,8 +9,9 @@ language model. The video and image placeholders are two special tokens SmolLM2 
 (:data:`VIDEO_TOKEN`, :data:`IMAGE_TOKEN`); their embeddings are always replaced by frame features.
 
 Only the trained parts are stored (:func:`save_trained_parts`): ``vision.safetensors`` with the
-``model.vision_tower.*`` and ``model.multi_modal_projector.*`` tensors, and ``config.json`` with the vision settings,
-the placeholder tokens and the training provenance. :func:`load_embedded_video_model` assembles the full model from
+``model.vision_tower.*`` and ``model.multi_modal_projector.*`` tensors and, when the language model was adapted, its
+low-rank adapters (:mod:`.lora`), and ``config.json`` with the vision and adapter settings, the placeholder tokens and
+the training provenance. :func:`load_embedded_video_model` assembles the full model from
 SmolLM2 and such a folder, or with a freshly initialised (seeded) vision tower when no folder is given.
 """
 
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import AutoModel, CLIPVisionConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
 from namm_transfer.models import load_model
+from namm_transfer.video.lora import LORA_SUFFIXES, LoraConfig, attach_lora, merge_lora
 
 VIDEO_TOKEN = "<empty_output>"
 IMAGE_TOKEN = "<jupyter_script>"
@@ -34,7 +36,8 @@ PARTS_FILE = "vision.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 TRAINED_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
-"""State-dict prefixes of the parts trained here (the pooling has no parameters; ``image_newline`` is image-only)."""
+"""State-dict prefixes of the parts trained here (the pooling has no parameters; ``image_newline`` is image-only);
+the language model's adapters are the entries ending in :data:`~namm_transfer.video.lora.LORA_SUFFIXES`."""
 
 
 class VideoPartsError(ValueError):
@@ -108,12 +111,14 @@ class VideoModel:
         tokenizer: the language model's tokenizer.
         vision: the vision settings it was built with.
         parts: the folder its trained parts came from, or None (fresh vision tower and projector).
+        lora: the language model's adapter settings (rank 0: none).
     """
 
     model: LlavaNextVideoForConditionalGeneration
     tokenizer: object
     vision: VisionTowerConfig
     parts: Path | None
+    lora: LoraConfig = LoraConfig()
 
 
 def _read_parts_config(folder: Path) -> dict:
@@ -134,6 +139,10 @@ def _read_parts_config(folder: Path) -> dict:
         VisionTowerConfig(**config["vision"])
     except (KeyError, TypeError, ValueError) as error:
         raise VideoPartsError(f"{folder / CONFIG_FILE}: bad 'vision' settings ({error})") from None
+    try:
+        LoraConfig(**config.get("lora", {}))
+    except (TypeError, ValueError) as error:
+        raise VideoPartsError(f"{folder / CONFIG_FILE}: bad 'lora' settings ({error})") from None
     return config
 
 
@@ -143,17 +152,22 @@ def load_embedded_video_model(
     dtype: str = "float32",
     device: str = "cpu",
     seed: int = 0,
+    lora: LoraConfig | None = None,
+    merge: bool = True,
 ) -> VideoModel:
     """Assemble the embedded video model.
 
     Args:
-        parts: a folder written by :func:`save_trained_parts` (its vision settings are used), or None for a fresh
-            vision tower and projector initialised from ``seed``.
+        parts: a folder written by :func:`save_trained_parts` (its vision and adapter settings are used), or None
+            for a fresh vision tower and projector initialised from ``seed``.
         vision: vision settings for a fresh tower (default :class:`VisionTowerConfig`); must be None or equal to the
             folder's settings when ``parts`` is given.
         dtype: "float32" (training), "bfloat16" or "float16".
         device: torch device string.
-        seed: initialisation seed of a fresh tower.
+        seed: initialisation seed of a fresh tower (and of fresh adapters).
+        lora: adapter settings for a fresh model (default none); must be None or equal to the folder's.
+        merge: merge the adapters into the language model's weights (inference); False keeps them as trainable
+            :class:`~namm_transfer.video.lora.LoraLinear` modules (training, resuming).
 
     Raises:
         VideoPartsError: the parts folder is missing, incomplete or does not fit.
@@ -161,23 +175,31 @@ def load_embedded_video_model(
     """
     folder = Path(parts) if parts is not None else None
     if folder is not None:
-        stored = VisionTowerConfig(**_read_parts_config(folder)["vision"])
+        settings = _read_parts_config(folder)
+        stored = VisionTowerConfig(**settings["vision"])
         if vision is not None and vision != stored:
             raise VideoPartsError(f"{folder} was trained with {stored}, not {vision}")
-        vision = stored
+        stored_lora = LoraConfig(**settings.get("lora", {}))
+        if lora is not None and lora != stored_lora:
+            raise VideoPartsError(f"{folder} was trained with {stored_lora}, not {lora}")
+        vision, lora = stored, stored_lora
     vision = vision if vision is not None else VisionTowerConfig()
+    lora = lora if lora is not None else LoraConfig()
     language = load_model(None, dtype="float32", device="cpu")
     tokenizer = language.tokenizer
     token_ids = tokenizer.convert_tokens_to_ids([VIDEO_TOKEN, IMAGE_TOKEN])
     config = video_config(language.model.config, vision, *token_ids)
     model = _assemble(config, language.model, seed)
+    attach_lora(model.model.language_model, lora, seed)
     if folder is not None:
         load_trained_parts(model, folder)
+    if merge:
+        merge_lora(model.model.language_model)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(dtypes)}")
     model.to(device=device, dtype=dtypes[dtype]).eval()
-    return VideoModel(model, tokenizer, vision, folder)
+    return VideoModel(model, tokenizer, vision, folder, lora)
 
 
 def _assemble(config: LlavaNextVideoConfig, language_model: nn.Module, seed: int) -> LlavaNextVideoForConditionalGeneration:
@@ -200,19 +222,22 @@ def _assemble(config: LlavaNextVideoConfig, language_model: nn.Module, seed: int
 
 
 def trained_state(model: LlavaNextVideoForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """The tensors trained here: every state-dict entry under :data:`TRAINED_PREFIXES`."""
-    return {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+    """The tensors trained here: every state-dict entry under :data:`TRAINED_PREFIXES` and every unmerged adapter."""
+    return {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES) or k.endswith(LORA_SUFFIXES)}
 
 
 def save_trained_parts(video: VideoModel, folder: str | Path, provenance: dict) -> Path:
-    """Write ``vision.safetensors`` (fp32) and ``config.json`` (vision settings, placeholder tokens, provenance,
-    format version) to ``folder``; returns the folder."""
+    """Write ``vision.safetensors`` (fp32) and ``config.json`` (vision and adapter settings, placeholder tokens,
+    provenance, format version) to ``folder``; returns the folder. The adapters must not be merged yet."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in trained_state(video.model).items()}
+    if video.lora.rank and not any(k.endswith(LORA_SUFFIXES) for k in state):
+        raise ValueError("the model's adapters are merged: load it with merge=False to save its trained parts")
+    folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / PARTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
     config = {
-        "format_version": FORMAT_VERSION, "vision": asdict(video.vision), "language_model": "smollm2",
+        "format_version": FORMAT_VERSION, "vision": asdict(video.vision), "lora": asdict(video.lora),
+        "language_model": "smollm2",
         "video_token": VIDEO_TOKEN, "image_token": IMAGE_TOKEN, "parameters": sum(v.numel() for v in state.values()),
         "provenance": provenance,
     }

@@ -1,11 +1,18 @@
-"""``python -m namm_transfer.video.train``: train the vision tower and projector of the embedded video model on the
-built-in needle tasks (train split), the language model (SmolLM2) frozen.
+"""``python -m namm_transfer.video.train``: train the vision tower, the projector and (optionally) low-rank adapters
+of the language model (SmolLM2, otherwise frozen) of the embedded video model on the built-in needle tasks (train
+split).
 
-LLaVA's recipe (Liu et al. 2023, "Visual Instruction Tuning", §4.2) adapted to a fresh vision tower: stage 1 trains
-the projector alone (features -> word-embedding space); stage 2 trains the projector and the vision tower together,
-since a randomly initialised CLIP tower, unlike LLaVA's pretrained one, must learn to see colours and shapes. The
-language model stays frozen throughout (it already reads the question and writes a letter), so no LoRA is needed
-unless stage 2 plateaus below the target accuracy.
+LLaVA's recipe (Liu et al. 2023, "Visual Instruction Tuning", §4.2) adapted to a fresh vision tower and a tiny
+language model:
+
+* stage 0 (``--text-steps``, adapters only): the question with the video replaced by a text description of its
+  needles (:func:`describe_task`); the frozen SmolLM2-135M does not answer these multiple-choice questions even so
+  (about chance, :mod:`.lora`), so its adapters first learn to pick the option's letter, cheaply (no video tokens);
+* stage 1 (``--projector-steps``): the projector (features -> word-embedding space) and the adapters;
+* stage 2 (``--tower-steps``): the projector, the vision tower and the adapters together, since a randomly
+  initialised CLIP tower, unlike LLaVA's pretrained one, must learn to see colours and shapes.
+
+With ``--lora-rank 0`` (the default) no adapter exists and stage 0 must be empty: the language model stays frozen.
 
 One example is a built-in task (:func:`namm_transfer.evals.video_tasks.make_task`, train split, item index = the
 example's running number, so no item repeats and none is held out) with ``num_frames`` drawn from ``--frames``; its
@@ -35,8 +42,9 @@ from namm_transfer.cli import ArgumentParser, run_program
 from namm_transfer.evals.video_qa import VideoQuestion
 from namm_transfer.evals.video_tasks import KINDS, TaskConfig, make_task
 from namm_transfer.video.frames import FrameConfig, preprocess
+from namm_transfer.video.lora import LoraConfig, lora_parameters
 from namm_transfer.video.model import VideoModel, load_embedded_video_model, save_trained_parts
-from namm_transfer.video.prompt import video_prompt_ids
+from namm_transfer.video.prompt import render_video_prompt, video_prompt_ids
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -47,13 +55,17 @@ class TrainConfig:
     """Settings of a training run.
 
     Attributes:
-        projector_steps: optimiser steps of stage 1 (projector only).
-        tower_steps: optimiser steps of stage 2 (projector and vision tower).
+        text_steps: optimiser steps of stage 0 (adapters only, text descriptions instead of videos).
+        projector_steps: optimiser steps of stage 1 (projector and adapters).
+        tower_steps: optimiser steps of stage 2 (projector, vision tower and adapters).
         batch_size: examples per optimiser step.
         frames: video lengths drawn uniformly per example.
         projector_lr: AdamW learning rate of stage 1 (LLaVA's 1e-3 diverged here at batch 4: loss 4.4 -> 12 in
             four steps; 2e-4 fell from 4.4 to about 2.5 in eight).
-        tower_lr: AdamW learning rate of stage 2 (both parts).
+        tower_lr: AdamW learning rate of stage 2 (every trained part).
+        text_lr: AdamW learning rate of stage 0.
+        lora_rank: rank of the language model's adapters (0: none, the language model frozen).
+        lora_alpha: adapter scale numerator (update x alpha / rank).
         warmup: linear warm-up steps at the start of each stage; cosine decay to 10% after it.
         eval_every: steps between held-out evaluations (0: only at the end).
         eval_items: held-out tasks per evaluation (frames = the first of ``frames``).
@@ -61,12 +73,16 @@ class TrainConfig:
         seed: initialisation seed of the fresh tower and the seed of the length draws.
     """
 
+    text_steps: int = 0
     projector_steps: int = 200
     tower_steps: int = 800
     batch_size: int = 4
     frames: tuple[int, ...] = (16, 32)
     projector_lr: float = 2e-4
     tower_lr: float = 2e-4
+    text_lr: float = 5e-4
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
     warmup: int = 20
     eval_every: int = 100
     eval_items: int = 64
@@ -75,24 +91,31 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("projector_steps", "tower_steps", "warmup", "eval_every", "save_every", "seed"):
+        for name in ("text_steps", "projector_steps", "tower_steps", "lora_rank", "warmup", "eval_every",
+                     "save_every", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "eval_items"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.projector_steps + self.tower_steps < 1:
+        if self.text_steps + self.projector_steps + self.tower_steps < 1:
             problems.append("at least one training step is needed")
+        if self.text_steps and not self.lora_rank:
+            problems.append("text_steps train the adapters only, so they need lora_rank >= 1")
         if not self.frames or min(self.frames) < 16:
             problems.append(f"frames must be non-empty, each >= 16, got {self.frames}")
-        if not (self.projector_lr > 0 and self.tower_lr > 0):
-            problems.append("learning rates must be positive")
+        if not (self.projector_lr > 0 and self.tower_lr > 0 and self.text_lr > 0 and self.lora_alpha > 0):
+            problems.append("learning rates and lora_alpha must be positive")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
     @property
     def total_steps(self) -> int:
-        return self.projector_steps + self.tower_steps
+        return self.text_steps + self.projector_steps + self.tower_steps
+
+    @property
+    def lora(self) -> LoraConfig:
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha)
 
 
 def task_question(task) -> VideoQuestion:
@@ -104,51 +127,69 @@ def task_question(task) -> VideoQuestion:
 
 @dataclass
 class Example:
-    """One training or evaluation example: ids (L,), pixels (F, 3, S, S), and the positions/ids of the targets."""
+    """One training or evaluation example: ids (L,) ending in the targets, pixels (F, 3, S, S) or None for a
+    text-described video, the target ids (the answer letter and ``<|im_end|>``) and the letter's id."""
 
     input_ids: torch.Tensor
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     target_ids: torch.Tensor
     letter_id: int
 
 
-def make_example(video: VideoModel, split: str, index: int, num_frames: int) -> Example:
+def describe_task(task) -> str:
+    """The video as text, for stage 0: its needles in order, e.g. "Video: frame 4: a green circle; frame 9: a
+    magenta cross." (the haystack is not described)."""
+    needles = sorted(task.needles, key=lambda needle: needle.start)
+    return "Video: " + "; ".join(f"frame {n.start}: a {n.colour} {n.shape}" for n in needles) + "."
+
+
+def make_example(video: VideoModel, split: str, index: int, num_frames: int, text: bool = False) -> Example:
     """Task ``index`` of ``split`` (kinds in turn) as model input, with the answer letter and ``<|im_end|>``
-    appended to the prompt ids as targets."""
+    appended to the prompt ids as targets; ``text``: the video replaced by :func:`describe_task` (no pixels)."""
     kind = KINDS[index % len(KINDS)]
     task, frames = make_task(split, kind, num_frames, index // len(KINDS), TaskConfig(size=video.vision.image_size))
     question = task_question(task)
-    prompt = video_prompt_ids(video.tokenizer, video.model.config, question.prompt(), num_frames)[0]
+    if text:
+        rendered, templated = render_video_prompt(video.tokenizer, question.prompt(), describe_task(task))
+        prompt = video.tokenizer(rendered, return_tensors="pt", add_special_tokens=not templated).input_ids[0]
+    else:
+        prompt = video_prompt_ids(video.tokenizer, video.model.config, question.prompt(), num_frames)[0]
     letter_ids = video.tokenizer(question.answer, add_special_tokens=False).input_ids
     if len(letter_ids) != 1:
         raise ValueError(f"answer letter {question.answer!r} is not one token for this tokenizer")
     target = torch.tensor(letter_ids + [video.tokenizer.eos_token_id])
-    pixels = preprocess(frames, FrameConfig(num_frames=num_frames, size=video.vision.image_size))
+    pixels = None if text else preprocess(frames, FrameConfig(num_frames=num_frames, size=video.vision.image_size))
     return Example(torch.cat([prompt, target]), pixels, target, letter_ids[0])
+
+
+def _video_inputs(video: VideoModel, example: Example, ids: torch.Tensor) -> dict:
+    device = video.model.device
+    inputs = {"input_ids": ids[None].to(device)}
+    if example.pixels is not None:
+        inputs["pixel_values_videos"] = example.pixels[None].to(device)
+    return inputs
 
 
 def example_loss(video: VideoModel, example: Example) -> torch.Tensor:
     """Mean cross-entropy of the target tokens (teacher forcing), one video."""
-    device = video.model.device
     targets = len(example.target_ids)
-    logits = video.model(
-        input_ids=example.input_ids[None].to(device), pixel_values_videos=example.pixels[None].to(device),
-        logits_to_keep=targets + 1,
-    ).logits[0, :-1].float()  # the positions predicting each target token
-    return torch.nn.functional.cross_entropy(logits, example.target_ids.to(device))
+    logits = video.model(**_video_inputs(video, example, example.input_ids),
+                         logits_to_keep=targets + 1).logits[0, :-1].float()  # the positions predicting each target
+    return torch.nn.functional.cross_entropy(logits, example.target_ids.to(video.model.device))
 
 
 @torch.no_grad()
-def heldout_accuracy(video: VideoModel, items: int, num_frames: int) -> tuple[float, dict[str, float]]:
+def heldout_accuracy(video: VideoModel, items: int, num_frames: int, text: bool = False
+                     ) -> tuple[float, dict[str, float]]:
     """Share of the first ``items`` held-out tasks whose greedy first answer token is the right letter, overall and
-    per question kind (task ``index`` has kind ``KINDS[index % 4]``; a kind with no task among them is left out)."""
+    per question kind (task ``index`` has kind ``KINDS[index % 4]``; a kind with no task among them is left out);
+    ``text``: on the text descriptions of the videos."""
     video.model.eval()
     right = {kind: [] for kind in KINDS}
     for index in range(items):
-        example = make_example(video, "heldout", index, num_frames)
+        example = make_example(video, "heldout", index, num_frames, text=text)
         prompt = example.input_ids[: -len(example.target_ids)]
-        logits = video.model(input_ids=prompt[None].to(video.model.device),
-                             pixel_values_videos=example.pixels[None].to(video.model.device), logits_to_keep=1).logits
+        logits = video.model(**_video_inputs(video, example, prompt), logits_to_keep=1).logits
         right[KINDS[index % len(KINDS)]].append(int(logits[0, -1].argmax()) == example.letter_id)
     overall = sum(map(sum, right.values())) / items
     return overall, {kind: sum(hits) / len(hits) for kind, hits in right.items() if hits}
@@ -160,17 +201,22 @@ def example_frames(config: TrainConfig, index: int) -> int:
     return config.frames[int(np.random.default_rng([config.seed, index]).integers(len(config.frames)))]
 
 
+def _stages(config: TrainConfig) -> list[tuple[int, int, int, float]]:
+    """(stage, first step, steps, learning rate) of every stage, in order (empty stages included)."""
+    return [(0, 0, config.text_steps, config.text_lr),
+            (1, config.text_steps, config.projector_steps, config.projector_lr),
+            (2, config.text_steps + config.projector_steps, config.tower_steps, config.tower_lr)]
+
+
 def stage_of(step: int, config: TrainConfig) -> int:
-    """1 (projector) for the first ``projector_steps`` steps, then 2 (projector and tower)."""
-    return 1 if step < config.projector_steps else 2
+    """0 (text, adapters) for the first ``text_steps`` steps, then 1 (projector) for ``projector_steps``, then 2
+    (projector and tower); the adapters train in every stage when they exist."""
+    return next((stage for stage, start, length, _ in _stages(config) if step < start + length), 2)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 10%, restarted at each stage."""
-    if stage_of(step, config) == 1:
-        base, start, length = config.projector_lr, 0, config.projector_steps
-    else:
-        base, start, length = config.tower_lr, config.projector_steps, config.tower_steps
+    _, start, length, base = _stages(config)[stage_of(step, config)]
     local = step - start
     if local < config.warmup:
         return base * (local + 1) / config.warmup
@@ -179,10 +225,11 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def _optimizer(video: VideoModel, stage: int) -> torch.optim.Optimizer:
-    parts = [video.model.model.multi_modal_projector] + ([video.model.model.vision_tower] if stage == 2 else [])
+    parts = ([video.model.model.multi_modal_projector] if stage >= 1 else []) + (
+        [video.model.model.vision_tower] if stage == 2 else [])
     for parameter in video.model.parameters():
         parameter.requires_grad_(False)
-    parameters = [p for part in parts for p in part.parameters()]
+    parameters = [p for part in parts for p in part.parameters()] + lora_parameters(video.model.model.language_model)
     for parameter in parameters:
         parameter.requires_grad_(True)
     return torch.optim.AdamW(parameters, lr=1.0, weight_decay=0.0)
@@ -214,7 +261,7 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
         losses = []
         for i in range(config.batch_size):
             index = step * config.batch_size + i
-            example = make_example(video, "train", index, example_frames(config, index))
+            example = make_example(video, "train", index, example_frames(config, index), text=stage == 0)
             loss = example_loss(video, example) / config.batch_size
             loss.backward()
             losses.append(loss.item() * config.batch_size)
@@ -226,6 +273,9 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
         if (config.eval_every and step % config.eval_every == 0) or last:
             record["heldout_accuracy"], record["heldout_accuracy_by_kind"] = heldout_accuracy(
                 video, config.eval_items, config.frames[0])
+            if config.text_steps:
+                record["heldout_text_accuracy"], _ = heldout_accuracy(video, config.eval_items, config.frames[0],
+                                                                      text=True)
         with open(out / LOG_FILE, "a") as log:
             log.write(json.dumps(record) + "\n")
         out_of_time = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
@@ -243,6 +293,8 @@ def build_parser() -> ArgumentParser:
     defaults = TrainConfig()
     parser = ArgumentParser(prog="python -m namm_transfer.video.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for vision.safetensors, config.json, log and state")
+    parser.add_argument("--text-steps", type=int, default=defaults.text_steps,
+                        help="stage 0: adapters only, on text descriptions of the videos (needs --lora-rank)")
     parser.add_argument("--projector-steps", type=int, default=defaults.projector_steps)
     parser.add_argument("--tower-steps", type=int, default=defaults.tower_steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -250,6 +302,10 @@ def build_parser() -> ArgumentParser:
                         help="comma-separated video lengths drawn per example")
     parser.add_argument("--projector-lr", type=float, default=defaults.projector_lr)
     parser.add_argument("--tower-lr", type=float, default=defaults.tower_lr)
+    parser.add_argument("--text-lr", type=float, default=defaults.text_lr)
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank,
+                        help="rank of the language model's adapters (0: the language model stays frozen)")
+    parser.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--eval-items", type=int, default=defaults.eval_items)
@@ -268,15 +324,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         raise ValueError(f"--frames must be comma-separated integers, got {args.frames!r}") from None
     config = TrainConfig(
-        projector_steps=args.projector_steps, tower_steps=args.tower_steps, batch_size=args.batch_size,
-        frames=frames, projector_lr=args.projector_lr, tower_lr=args.tower_lr, warmup=args.warmup,
+        text_steps=args.text_steps, projector_steps=args.projector_steps, tower_steps=args.tower_steps,
+        batch_size=args.batch_size, frames=frames, projector_lr=args.projector_lr, tower_lr=args.tower_lr,
+        text_lr=args.text_lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, warmup=args.warmup,
         eval_every=args.eval_every, eval_items=args.eval_items, save_every=args.save_every, seed=args.seed,
     )
     out = Path(args.out)
     if args.resume and not (out / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: {out / STATE_FILE} does not exist")
     video = load_embedded_video_model(out if args.resume else None, dtype="float32", device=args.device,
-                                      seed=config.seed)
+                                      seed=config.seed, lora=config.lora, merge=False)
     command = "python -m namm_transfer.video.train " + " ".join(argv if argv is not None else sys.argv[1:])
     record = train(video, config, out, resume=args.resume, max_minutes=args.max_minutes, command=command)
     print(json.dumps(record))

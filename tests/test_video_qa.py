@@ -72,7 +72,7 @@ def test_builtin_layout(tmp_path):
     assert [q.id for q in questions] == [t.id for t in tasks[:3]]
     assert all(q.num_frames == 16 and q.video.is_file() for q in questions)
     assert questions[0].answer == tasks[0].answer and questions[0].options == tuple(tasks[0].options)
-    assert questions[0].prompt().startswith(tasks[0].question + "\nA. ")
+    assert questions[0].prompt().startswith(tasks[0].question + "\nOptions:\n- ")
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -105,7 +105,6 @@ def question(dataset: str, options=("a", "b", "c", "d"), answer="B") -> VideoQue
     ("videomme", " b ", ""),  # lower case is not a letter there
     ("videomme", "Answer: B", "A"),  # lmms-eval's rule takes the first capital A-D: the A of "Answer"
     ("videomme", "none of them", ""),
-    ("builtin", "D. the red circle", "D"),
     ("mlvu", "A) Yellow", "A"),
     ("mlvu", "B", "B"),
     ("mlvu", "The best option is (C) Green", "C"),
@@ -114,6 +113,14 @@ def question(dataset: str, options=("a", "b", "c", "d"), answer="B") -> VideoQue
 ])
 def test_letter_parsing_follows_lmms_eval(dataset, response, letter):
     assert question(dataset).parse(response) == letter
+
+
+def test_builtin_answers_are_option_texts():
+    q = question("builtin", options=("red", "the blue square", "3", "circle"), answer="B")
+    assert q.prompt() == ("?\nOptions:\n- red\n- the blue square\n- 3\n- circle\n"
+                          "Answer with one of the options, exactly as written.\n")
+    assert q.parse(" The Blue  square.") == "B" and q.is_correct("the blue square")
+    assert q.parse("3") == "C" and q.parse("B") == "" and q.parse("a red circle") == ""  # whole options only
 
 
 def test_unparseable_longvideobench_answer_draws_a_seeded_random_option():

@@ -4,8 +4,9 @@ Large Language Models", §4.1): ``y = W x + (alpha / r) B A x`` with ``W`` froze
 
 Why the embedded model needs them: the frozen SmolLM2-135M does not answer the built-in multiple-choice questions
 even when the video is replaced by an exact text description of its needles (12 held-out questions per kind: colour
-2, shape 4, count 2, order 2 right, chance 3; it answers "A" almost always; ``docs/results/video-training/``), so no
-vision tower can lift it to the accuracy the video table needs. LLaVA's second stage fine-tunes the language model
+2, shape 4, count 2, order 2 right, chance 3; it answers "A" almost always; ``docs/results/video-training/``), nor
+does it answer in the options' words (0 of 36 colour, shape and count questions: it writes a sentence instead), so
+no vision tower can lift it to the accuracy the video table needs. LLaVA's second stage fine-tunes the language model
 (Liu et al. 2023, §4.2); a rank-8 adapter on the attention projections does it here in a few MB.
 
 Training wraps the target ``nn.Linear`` modules in :class:`LoraLinear` (:func:`attach_lora`); inference merges each

@@ -17,11 +17,13 @@ With ``--lora-rank 0`` (the default) no adapter exists and stage 0 must be empty
 One example is a built-in task (:func:`namm_transfer.evals.video_tasks.make_task`, train split, item index = the
 example's running number, so no item repeats and none is held out) with ``num_frames`` drawn from ``--frames``; its
 prompt is exactly the evaluation's (:meth:`VideoQuestion.prompt` in the chat template, :mod:`.prompt`), the target is
-the answer letter followed by ``<|im_end|>``, and the loss is the cross-entropy of those two tokens. Frames go to the
+the right option's text followed by ``<|im_end|>`` (the built-in answer rule, :mod:`namm_transfer.evals.video_qa`),
+and the loss is the mean cross-entropy of those tokens. Frames go to the
 model as generated (no codec round trip: the codec changes pixels by about 1.5 levels of 255 on average).
 
 Every ``--eval-every`` steps the held-out accuracy is measured on ``--eval-items`` held-out tasks as the share whose
-first answer token, greedily, is the right letter (overall and per question kind). Every step is logged to ``train_log.jsonl``; the trained parts
+target is every token's argmax under teacher forcing (greedy decoding writes exactly the right option, then stops) (overall and per question kind; not in stage 0), and with stage 0
+also on the text descriptions of the same videos. Every step is logged to ``train_log.jsonl``; the trained parts
 and the optimiser state are saved every ``--save-every`` steps, so a killed run continues with ``--resume``.
 """
 
@@ -128,12 +130,11 @@ def task_question(task) -> VideoQuestion:
 @dataclass
 class Example:
     """One training or evaluation example: ids (L,) ending in the targets, pixels (F, 3, S, S) or None for a
-    text-described video, the target ids (the answer letter and ``<|im_end|>``) and the letter's id."""
+    text-described video, and the target ids (T,): the right option's text and ``<|im_end|>``."""
 
     input_ids: torch.Tensor
     pixels: torch.Tensor | None
     target_ids: torch.Tensor
-    letter_id: int
 
 
 def describe_task(task) -> str:
@@ -144,7 +145,7 @@ def describe_task(task) -> str:
 
 
 def make_example(video: VideoModel, split: str, index: int, num_frames: int, text: bool = False) -> Example:
-    """Task ``index`` of ``split`` (kinds in turn) as model input, with the answer letter and ``<|im_end|>``
+    """Task ``index`` of ``split`` (kinds in turn) as model input, with the right option's text and ``<|im_end|>``
     appended to the prompt ids as targets; ``text``: the video replaced by :func:`describe_task` (no pixels)."""
     kind = KINDS[index % len(KINDS)]
     task, frames = make_task(split, kind, num_frames, index // len(KINDS), TaskConfig(size=video.vision.image_size))
@@ -154,12 +155,10 @@ def make_example(video: VideoModel, split: str, index: int, num_frames: int, tex
         prompt = video.tokenizer(rendered, return_tensors="pt", add_special_tokens=not templated).input_ids[0]
     else:
         prompt = video_prompt_ids(video.tokenizer, video.model.config, question.prompt(), num_frames)[0]
-    letter_ids = video.tokenizer(question.answer, add_special_tokens=False).input_ids
-    if len(letter_ids) != 1:
-        raise ValueError(f"answer letter {question.answer!r} is not one token for this tokenizer")
-    target = torch.tensor(letter_ids + [video.tokenizer.eos_token_id])
+    answer = question.options[question.letters.index(question.answer)]
+    target = torch.tensor(video.tokenizer(answer, add_special_tokens=False).input_ids + [video.tokenizer.eos_token_id])
     pixels = None if text else preprocess(frames, FrameConfig(num_frames=num_frames, size=video.vision.image_size))
-    return Example(torch.cat([prompt, target]), pixels, target, letter_ids[0])
+    return Example(torch.cat([prompt, target]), pixels, target)
 
 
 def _video_inputs(video: VideoModel, example: Example, ids: torch.Tensor) -> dict:
@@ -170,27 +169,31 @@ def _video_inputs(video: VideoModel, example: Example, ids: torch.Tensor) -> dic
     return inputs
 
 
+def target_logits(video: VideoModel, example: Example) -> torch.Tensor:
+    """(T, V) float logits of the positions predicting each target token (teacher forcing), one video."""
+    targets = len(example.target_ids)
+    return video.model(**_video_inputs(video, example, example.input_ids),
+                       logits_to_keep=targets + 1).logits[0, :-1].float()
+
+
 def example_loss(video: VideoModel, example: Example) -> torch.Tensor:
     """Mean cross-entropy of the target tokens (teacher forcing), one video."""
-    targets = len(example.target_ids)
-    logits = video.model(**_video_inputs(video, example, example.input_ids),
-                         logits_to_keep=targets + 1).logits[0, :-1].float()  # the positions predicting each target
-    return torch.nn.functional.cross_entropy(logits, example.target_ids.to(video.model.device))
+    return torch.nn.functional.cross_entropy(target_logits(video, example), example.target_ids.to(video.model.device))
 
 
 @torch.no_grad()
 def heldout_accuracy(video: VideoModel, items: int, num_frames: int, text: bool = False
                      ) -> tuple[float, dict[str, float]]:
-    """Share of the first ``items`` held-out tasks whose greedy first answer token is the right letter, overall and
-    per question kind (task ``index`` has kind ``KINDS[index % 4]``; a kind with no task among them is left out);
-    ``text``: on the text descriptions of the videos."""
+    """Share of the first ``items`` held-out tasks whose target tokens are all the argmax under teacher forcing
+    (greedy decoding writes the right option, then ``<|im_end|>``), overall and per question kind (task ``index``
+    has kind ``KINDS[index % 4]``; a kind with no task among them is left out); ``text``: on the text descriptions
+    of the videos."""
     video.model.eval()
     right = {kind: [] for kind in KINDS}
     for index in range(items):
         example = make_example(video, "heldout", index, num_frames, text=text)
-        prompt = example.input_ids[: -len(example.target_ids)]
-        logits = video.model(**_video_inputs(video, example, prompt), logits_to_keep=1).logits
-        right[KINDS[index % len(KINDS)]].append(int(logits[0, -1].argmax()) == example.letter_id)
+        greedy = target_logits(video, example).argmax(dim=-1).cpu()
+        right[KINDS[index % len(KINDS)]].append(bool(torch.equal(greedy, example.target_ids)))
     overall = sum(map(sum, right.values())) / items
     return overall, {kind: sum(hits) / len(hits) for kind, hits in right.items() if hits}
 
@@ -271,8 +274,9 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
                   "seconds": round(time.monotonic() - started, 1)}
         last = step == config.total_steps
         if (config.eval_every and step % config.eval_every == 0) or last:
-            record["heldout_accuracy"], record["heldout_accuracy_by_kind"] = heldout_accuracy(
-                video, config.eval_items, config.frames[0])
+            if stage > 0:  # the videos mean nothing to a model whose vision parts have not trained yet
+                record["heldout_accuracy"], record["heldout_accuracy_by_kind"] = heldout_accuracy(
+                    video, config.eval_items, config.frames[0])
             if config.text_steps:
                 record["heldout_text_accuracy"], _ = heldout_accuracy(video, config.eval_items, config.frames[0],
                                                                       text=True)

@@ -52,7 +52,7 @@ def test_tiny_run_trains_the_vision_parts_only_and_resumes(tmp_path, capsys):
     assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed)  # stage 1: projector
     assert main(args + ["--resume"]) == 0
     log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and [r["stage"] for r in log] == [1, 2]
+    assert [r["step"] for r in log] == [1, 2] and [r["stage"] for r in log] == ["projector", "joint"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and 0.0 <= log[-1]["heldout_accuracy"] <= 1.0
     assert log[-1]["heldout_accuracy_by_kind"] == {"colour": log[-1]["heldout_accuracy"]}  # one item: kind 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
@@ -71,11 +71,11 @@ def test_resume_needs_a_saved_run(tmp_path):
         main(["--out", str(tmp_path), "--resume"])
 
 
-def test_stage_zero_trains_only_the_adapters_on_text(tmp_path):
+def test_text_stage_trains_only_the_adapters_on_text(tmp_path):
     with pytest.raises(ValueError, match="need lora_rank"):
         TrainConfig(text_steps=5)
     config = TrainConfig(text_steps=4, projector_steps=2, tower_steps=2, warmup=1, lora_rank=2)
-    assert [stage_of(step, config) for step in range(8)] == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert [stage_of(step, config) for step in range(8)] == ["text"] * 4 + ["projector"] * 2 + ["joint"] * 2
     assert learning_rate(0, config) == pytest.approx(config.text_lr)
     assert learning_rate(4, config) == pytest.approx(config.projector_lr)
     out = tmp_path / "run"
@@ -85,7 +85,7 @@ def test_stage_zero_trains_only_the_adapters_on_text(tmp_path):
             "--batch-size", "1", "--frames", "16", "--eval-items", "1", "--warmup", "1"]
     assert main(args) == 0
     record = json.loads((out / LOG_FILE).read_text().splitlines()[-1])
-    assert record["stage"] == 0 and 0.0 <= record["heldout_text_accuracy"] <= 1.0
+    assert record["stage"] == "text" and 0.0 <= record["heldout_text_accuracy"] <= 1.0
     trained = load_embedded_video_model(out, merge=False)
     state = trained_state(trained.model)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if k.endswith(".lora_b"))
@@ -95,3 +95,25 @@ def test_stage_zero_trains_only_the_adapters_on_text(tmp_path):
     for name, tensor in fresh.model.model.language_model.state_dict().items():
         if not name.endswith(LORA_SUFFIXES):
             assert torch.equal(base[name], tensor), name  # nor did the language model's own weights
+
+
+def test_vision_stage_trains_the_tower_alone_and_a_resume_cuts_the_log(tmp_path):
+    config = TrainConfig(vision_steps=3, text_steps=0, projector_steps=1, tower_steps=1, warmup=1)
+    assert [stage_of(step, config) for step in range(5)] == ["vision"] * 3 + ["projector", "joint"]
+    assert learning_rate(0, config) == pytest.approx(config.vision_lr)
+    out = tmp_path / "run"
+    fresh = load_embedded_video_model(seed=0)
+    before = {k: v.clone() for k, v in trained_state(fresh.model).items()}
+    args = ["--out", str(out), "--vision-steps", "2", "--vision-videos", "2", "--projector-steps", "0",
+            "--tower-steps", "0", "--frames", "16", "--eval-items", "2", "--warmup", "1", "--save-every", "1"]
+    assert main(args + ["--max-minutes", "0"]) == 0  # saved after step 1
+    with open(out / LOG_FILE, "a") as log:  # a step logged after the save by a run that was then killed
+        log.write(json.dumps({"step": 2, "stage": "vision", "loss": 0.0}) + "\n")
+    assert main(args + ["--resume"]) == 0
+    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and {r["stage"] for r in log} == {"vision"}
+    assert log[-1]["loss"] > 0 and 0.0 <= log[-1]["heldout_colour_accuracy"] <= 1.0
+    assert 0.0 <= log[-1]["heldout_shape_accuracy"] <= 1.0 and 0.0 <= log[-1]["colour_accuracy"] <= 1.0
+    trained = trained_state(load_embedded_video_model(out).model)
+    changed = {k for k, v in trained.items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.vision_tower.") for k in changed)  # the tower alone

@@ -5,15 +5,18 @@ split).
 LLaVA's recipe (Liu et al. 2023, "Visual Instruction Tuning", §4.2) adapted to a fresh vision tower and a tiny
 language model:
 
-* stage 0 (``--text-steps``, adapters only): the question with the video replaced by a text description of its
+* ``vision`` (``--vision-steps``, the tower alone): a linear probe reads each frame's needle colour and shape from
+  the features the projector will see (:mod:`.frame_probe`), so the fresh tower learns to see before the language
+  model is involved (LLaVA's CLIP tower arrives pretrained);
+* ``text`` (``--text-steps``, adapters only): the question with the video replaced by a text description of its
   needles (:func:`describe_task`); the frozen SmolLM2-135M does not answer these questions even so (:mod:`.lora`),
   so its adapters first learn to answer with the right option's words, cheaply (no video tokens; 64 held-out
   descriptions: 80% right after 50 steps, 100% after 200);
-* stage 1 (``--projector-steps``): the projector (features -> word-embedding space) and the adapters;
-* stage 2 (``--tower-steps``): the projector, the vision tower and the adapters together, since a randomly
-  initialised CLIP tower, unlike LLaVA's pretrained one, must learn to see colours and shapes.
+* ``projector`` (``--projector-steps``): the projector (features -> word-embedding space) and the adapters;
+* ``joint`` (``--tower-steps``): the projector, the vision tower and the adapters together.
 
-With ``--lora-rank 0`` (the default) no adapter exists and stage 0 must be empty: the language model stays frozen.
+With ``--lora-rank 0`` (the default) no adapter exists and the text stage must be empty: the language model stays
+frozen. Stages run in that order; an empty one is skipped.
 
 One example is a built-in task (:func:`namm_transfer.evals.video_tasks.make_task`, train split, item index = the
 example's running number, so no item repeats and none is held out) with ``num_frames`` drawn from ``--frames``; its
@@ -24,9 +27,11 @@ model as generated (no codec round trip: the codec changes pixels by about 1.5 l
 
 Every ``--eval-every`` steps the held-out accuracy is measured on ``--eval-items`` held-out tasks as the share whose
 target is every token's argmax under teacher forcing (greedy decoding writes exactly the right option, then stops),
-overall and per question kind (not in stage 0), and, when there is a stage 0, also on the text descriptions of the
-same videos. Every step is logged to ``train_log.jsonl``; the trained parts
-and the optimiser state are saved every ``--save-every`` steps, so a killed run continues with ``--resume``.
+overall and per question kind (after the text stage), and, when there is a text stage, also on the text
+descriptions of the same videos; in the vision stage, the probe's colour and shape accuracy on the frames of the
+same held-out videos. Every step is logged to ``train_log.jsonl``; the trained parts, the probe and the optimiser
+state are saved every ``--save-every`` steps, so a killed run continues with ``--resume`` (the log is cut back to the
+saved step).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 from namm_transfer.cli import ArgumentParser, run_program
 from namm_transfer.evals.video_qa import VideoQuestion
 from namm_transfer.evals.video_tasks import KINDS, TaskConfig, make_task
+from namm_transfer.video.frame_probe import FrameProbe, probe_batch, probe_loss
 from namm_transfer.video.frames import FrameConfig, preprocess
 from namm_transfer.video.lora import LoraConfig, lora_parameters
 from namm_transfer.video.model import VideoModel, load_embedded_video_model, save_trained_parts
@@ -59,15 +65,18 @@ class TrainConfig:
     """Settings of a training run.
 
     Attributes:
-        text_steps: optimiser steps of stage 0 (adapters only, text descriptions instead of videos).
-        projector_steps: optimiser steps of stage 1 (projector and adapters).
-        tower_steps: optimiser steps of stage 2 (projector, vision tower and adapters).
-        batch_size: examples per optimiser step.
+        vision_steps: optimiser steps of the vision stage (tower and frame probe).
+        text_steps: optimiser steps of the text stage (adapters only, text descriptions instead of videos).
+        projector_steps: optimiser steps of the projector stage (projector and adapters).
+        tower_steps: optimiser steps of the joint stage (projector, vision tower and adapters).
+        batch_size: examples per optimiser step of the language-model stages.
+        vision_videos: videos per step of the vision stage (their needle frames and as many haystack frames).
         frames: video lengths drawn uniformly per example.
-        projector_lr: AdamW learning rate of stage 1 (LLaVA's 1e-3 diverged here at batch 4: loss 4.4 -> 12 in
+        projector_lr: AdamW learning rate of the projector stage (LLaVA's 1e-3 diverged here at batch 4: loss 4.4 -> 12 in
             four steps; 2e-4 fell from 4.4 to about 2.5 in eight).
-        tower_lr: AdamW learning rate of stage 2 (every trained part).
-        text_lr: AdamW learning rate of stage 0.
+        tower_lr: AdamW learning rate of the joint stage (every trained part).
+        text_lr: AdamW learning rate of the text stage.
+        vision_lr: AdamW learning rate of the vision stage.
         lora_rank: rank of the language model's adapters (0: none, the language model frozen).
         lora_alpha: adapter scale numerator (update x alpha / rank).
         warmup: linear warm-up steps at the start of each stage; cosine decay to 10% after it.
@@ -77,14 +86,17 @@ class TrainConfig:
         seed: initialisation seed of the fresh tower and the seed of the length draws.
     """
 
+    vision_steps: int = 0
     text_steps: int = 0
     projector_steps: int = 200
     tower_steps: int = 800
     batch_size: int = 4
+    vision_videos: int = 8
     frames: tuple[int, ...] = (16, 32)
     projector_lr: float = 2e-4
     tower_lr: float = 2e-4
     text_lr: float = 5e-4
+    vision_lr: float = 1e-3
     lora_rank: int = 0
     lora_alpha: float = 16.0
     warmup: int = 20
@@ -95,27 +107,27 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("text_steps", "projector_steps", "tower_steps", "lora_rank", "warmup", "eval_every",
+        for name in ("vision_steps", "text_steps", "projector_steps", "tower_steps", "lora_rank", "warmup", "eval_every",
                      "save_every", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "eval_items"):
+        for name in ("batch_size", "vision_videos", "eval_items"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.text_steps + self.projector_steps + self.tower_steps < 1:
+        if self.total_steps < 1:
             problems.append("at least one training step is needed")
         if self.text_steps and not self.lora_rank:
             problems.append("text_steps train the adapters only, so they need lora_rank >= 1")
         if not self.frames or min(self.frames) < 16:
             problems.append(f"frames must be non-empty, each >= 16, got {self.frames}")
-        if not (self.projector_lr > 0 and self.tower_lr > 0 and self.text_lr > 0 and self.lora_alpha > 0):
+        if min(self.projector_lr, self.tower_lr, self.text_lr, self.vision_lr, self.lora_alpha) <= 0:
             problems.append("learning rates and lora_alpha must be positive")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
     @property
     def total_steps(self) -> int:
-        return self.text_steps + self.projector_steps + self.tower_steps
+        return self.vision_steps + self.text_steps + self.projector_steps + self.tower_steps
 
     @property
     def lora(self) -> LoraConfig:
@@ -140,7 +152,7 @@ class Example:
 
 
 def describe_task(task) -> str:
-    """The video as text, for stage 0: its needles in order, e.g. "Video: frame 4: a green circle; frame 9: a
+    """The video as text, for the text stage: its needles in order, e.g. "Video: frame 4: a green circle; frame 9: a
     magenta cross." (the haystack is not described)."""
     needles = sorted(task.needles, key=lambda needle: needle.start)
     return "Video: " + "; ".join(f"frame {n.start}: a {n.colour} {n.shape}" for n in needles) + "."
@@ -206,22 +218,26 @@ def example_frames(config: TrainConfig, index: int) -> int:
     return config.frames[int(np.random.default_rng([config.seed, index]).integers(len(config.frames)))]
 
 
-def _stages(config: TrainConfig) -> list[tuple[int, int, int, float]]:
+STAGES = ("vision", "text", "projector", "joint")
+
+
+def _stages(config: TrainConfig) -> list[tuple[str, int, int, float]]:
     """(stage, first step, steps, learning rate) of every stage, in order (empty stages included)."""
-    return [(0, 0, config.text_steps, config.text_lr),
-            (1, config.text_steps, config.projector_steps, config.projector_lr),
-            (2, config.text_steps + config.projector_steps, config.tower_steps, config.tower_lr)]
+    lengths = (config.vision_steps, config.text_steps, config.projector_steps, config.tower_steps)
+    rates = (config.vision_lr, config.text_lr, config.projector_lr, config.tower_lr)
+    starts = np.cumsum((0,) + lengths[:-1])
+    return [(name, int(start), length, rate) for name, start, length, rate in zip(STAGES, starts, lengths, rates)]
 
 
-def stage_of(step: int, config: TrainConfig) -> int:
-    """0 (text, adapters) for the first ``text_steps`` steps, then 1 (projector) for ``projector_steps``, then 2
-    (projector and tower); the adapters train in every stage when they exist."""
-    return next((stage for stage, start, length, _ in _stages(config) if step < start + length), 2)
+def stage_of(step: int, config: TrainConfig) -> str:
+    """The stage step ``step`` belongs to (:data:`STAGES`, in order, each ``*_steps`` long); the adapters train in
+    every stage but the vision one when they exist."""
+    return next((stage for stage, start, length, _ in _stages(config) if step < start + length), STAGES[-1])
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 10%, restarted at each stage."""
-    _, start, length, base = _stages(config)[stage_of(step, config)]
+    _, start, length, base = _stages(config)[STAGES.index(stage_of(step, config))]
     local = step - start
     if local < config.warmup:
         return base * (local + 1) / config.warmup
@@ -229,66 +245,115 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _optimizer(video: VideoModel, stage: int) -> torch.optim.Optimizer:
-    parts = ([video.model.model.multi_modal_projector] if stage >= 1 else []) + (
-        [video.model.model.vision_tower] if stage == 2 else [])
-    for parameter in video.model.parameters():
+def _optimizer(video: VideoModel, stage: str, probe: FrameProbe) -> torch.optim.Optimizer:
+    inner = video.model.model
+    modules = {"vision": [inner.vision_tower, probe], "text": [], "projector": [inner.multi_modal_projector],
+               "joint": [inner.multi_modal_projector, inner.vision_tower]}[stage]
+    for parameter in list(video.model.parameters()) + list(probe.parameters()):
         parameter.requires_grad_(False)
-    parameters = [p for part in parts for p in part.parameters()] + lora_parameters(video.model.model.language_model)
+    parameters = [p for module in modules for p in module.parameters()]
+    if stage != "vision":
+        parameters += lora_parameters(inner.language_model)
     for parameter in parameters:
         parameter.requires_grad_(True)
     return torch.optim.AdamW(parameters, lr=1.0, weight_decay=0.0)
+
+
+@torch.no_grad()
+def heldout_probe_accuracy(video: VideoModel, probe: FrameProbe, items: int, num_frames: int) -> tuple[float, float]:
+    """The probe's colour and shape accuracy on the needle frames and as many haystack frames of the first ``items``
+    held-out videos."""
+    video.model.eval()
+    batch = probe_batch("heldout", 0, items, num_frames, video.vision.image_size, seed=0)
+    _, colour_right, shape_right = probe_loss(video.model, probe, batch)
+    return colour_right, shape_right
+
+
+def _step_losses(video: VideoModel, probe: FrameProbe, config: TrainConfig, step: int, stage: str) -> dict:
+    """Forward and backward of one optimiser step's examples; the step's log entries (mean loss, and the probe's
+    training accuracies in the vision stage)."""
+    if stage == "vision":
+        first = step * config.vision_videos
+        batch = probe_batch("train", first, config.vision_videos, example_frames(config, first),
+                            video.vision.image_size, config.seed)
+        loss, colour_right, shape_right = probe_loss(video.model, probe, batch)
+        loss.backward()
+        return {"loss": loss.item(), "colour_accuracy": colour_right, "shape_accuracy": shape_right}
+    losses = []
+    for i in range(config.batch_size):
+        index = step * config.batch_size + i
+        example = make_example(video, "train", index, example_frames(config, index), text=stage == "text")
+        loss = example_loss(video, example) / config.batch_size
+        loss.backward()
+        losses.append(loss.item() * config.batch_size)
+    return {"loss": float(np.mean(losses))}
+
+
+def _evaluate(video: VideoModel, probe: FrameProbe, config: TrainConfig, stage: str) -> dict:
+    """Held-out measures for the log: the probe's in the vision stage; afterwards the video accuracy once the
+    projector has trained, and the text accuracy when there is a text stage."""
+    if stage == "vision":
+        colour, shape = heldout_probe_accuracy(video, probe, config.eval_items, config.frames[0])
+        return {"heldout_colour_accuracy": colour, "heldout_shape_accuracy": shape}
+    record = {}
+    if stage in ("projector", "joint"):
+        record["heldout_accuracy"], record["heldout_accuracy_by_kind"] = heldout_accuracy(
+            video, config.eval_items, config.frames[0])
+    if config.text_steps:
+        record["heldout_text_accuracy"], _ = heldout_accuracy(video, config.eval_items, config.frames[0], text=True)
+    return record
+
+
+def _cut_log(path: Path, steps_done: int) -> None:
+    """Drop the log records of steps after ``steps_done`` (written after the last save by a run that was killed)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= steps_done))
 
 
 def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = False, max_minutes: float | None = None,
           command: str = "") -> dict:
     """Run (or continue) training; write the parts, state and log to ``out``. Returns the last log record."""
     out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        probe = FrameProbe(video.vision.hidden_size).to(video.model.device)
     step, stage = 0, stage_of(0, config)
-    optimizer = _optimizer(video, stage)
+    optimizer = _optimizer(video, stage, probe)
     if resume:
         state = torch.load(out / STATE_FILE, weights_only=False)
         if state["config"] != asdict(config):
             raise ValueError(f"{out / STATE_FILE} was written with other settings; start a new folder")
         step, stage = state["step"], state["stage"]  # the loop switches stage if the saved one just ended
-        optimizer = _optimizer(video, stage)
+        probe.load_state_dict(state["probe"])
+        optimizer = _optimizer(video, stage, probe)
         optimizer.load_state_dict(state["optimizer"])
+        _cut_log(out / LOG_FILE, step)
     started, record = time.monotonic(), {}
     provenance = {"command": command, "config": asdict(config)}
     while step < config.total_steps:
         if stage_of(step, config) != stage:
             stage = stage_of(step, config)
-            optimizer = _optimizer(video, stage)
+            optimizer = _optimizer(video, stage, probe)
         video.model.train()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         optimizer.zero_grad(set_to_none=True)
-        losses = []
-        for i in range(config.batch_size):
-            index = step * config.batch_size + i
-            example = make_example(video, "train", index, example_frames(config, index), text=stage == 0)
-            loss = example_loss(video, example) / config.batch_size
-            loss.backward()
-            losses.append(loss.item() * config.batch_size)
+        losses = _step_losses(video, probe, config, step, stage)
         optimizer.step()
         step += 1
-        record = {"step": step, "stage": stage, "loss": float(np.mean(losses)), "lr": learning_rate(step - 1, config),
+        record = {"step": step, "stage": stage, **losses, "lr": learning_rate(step - 1, config),
                   "seconds": round(time.monotonic() - started, 1)}
         last = step == config.total_steps
         if (config.eval_every and step % config.eval_every == 0) or last:
-            if stage > 0:  # the videos mean nothing to a model whose vision parts have not trained yet
-                record["heldout_accuracy"], record["heldout_accuracy_by_kind"] = heldout_accuracy(
-                    video, config.eval_items, config.frames[0])
-            if config.text_steps:
-                record["heldout_text_accuracy"], _ = heldout_accuracy(video, config.eval_items, config.frames[0],
-                                                                      text=True)
+            record.update(_evaluate(video, probe, config, stage))
         with open(out / LOG_FILE, "a") as log:
             log.write(json.dumps(record) + "\n")
         out_of_time = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
         if last or out_of_time or (config.save_every and step % config.save_every == 0):
             save_trained_parts(video, out, {**provenance, "steps_done": step, "last": record})
-            torch.save({"step": step, "stage": stage, "config": asdict(config), "optimizer": optimizer.state_dict()},
-                       out / STATE_FILE)
+            torch.save({"step": step, "stage": stage, "config": asdict(config), "probe": probe.state_dict(),
+                        "optimizer": optimizer.state_dict()}, out / STATE_FILE)
         if out_of_time:
             break
     video.model.eval()
@@ -299,8 +364,13 @@ def build_parser() -> ArgumentParser:
     defaults = TrainConfig()
     parser = ArgumentParser(prog="python -m namm_transfer.video.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for vision.safetensors, config.json, log and state")
+    parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps,
+                        help="vision stage: the tower alone, a linear probe reading each frame's needle")
+    parser.add_argument("--vision-videos", type=int, default=defaults.vision_videos,
+                        help="videos per vision step (their needle frames and as many others)")
+    parser.add_argument("--vision-lr", type=float, default=defaults.vision_lr)
     parser.add_argument("--text-steps", type=int, default=defaults.text_steps,
-                        help="stage 0: adapters only, on text descriptions of the videos (needs --lora-rank)")
+                        help="text stage: adapters only, on text descriptions of the videos (needs --lora-rank)")
     parser.add_argument("--projector-steps", type=int, default=defaults.projector_steps)
     parser.add_argument("--tower-steps", type=int, default=defaults.tower_steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -330,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         raise ValueError(f"--frames must be comma-separated integers, got {args.frames!r}") from None
     config = TrainConfig(
+        vision_steps=args.vision_steps, vision_videos=args.vision_videos, vision_lr=args.vision_lr,
         text_steps=args.text_steps, projector_steps=args.projector_steps, tower_steps=args.tower_steps,
         batch_size=args.batch_size, frames=frames, projector_lr=args.projector_lr, tower_lr=args.tower_lr,
         text_lr=args.text_lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, warmup=args.warmup,

@@ -59,3 +59,19 @@ def test_probe_reads_the_projector_input_and_learns():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_captions_name_the_needle_or_nothing():
+    from namm_transfer.video.frame_caption import NOTHING, caption_examples, caption_text
+
+    assert caption_text(NO_NEEDLE, NO_NEEDLE) == NOTHING
+    assert caption_text(1 + list(COLOURS).index("green"), 1 + SHAPES.index("circle")) == "a green circle"
+    video = load_embedded_video_model(seed=0)
+    batch = probe_batch("train", 0, 1, 16, 64, seed=0)
+    examples = caption_examples(video, batch)
+    assert len(examples) == len(batch.pixels)
+    for (ids, pixels, target), colour, shape in zip(examples, batch.colours.tolist(), batch.shapes.tolist()):
+        assert pixels.shape == (1, 3, 64, 64)
+        assert (ids == video.model.config.video_token_id).sum() == video.vision.tokens_per_frame
+        assert torch.equal(ids[-len(target):], target) and target[-1] == video.tokenizer.eos_token_id
+        assert video.tokenizer.decode(target[:-1]) == caption_text(colour, shape)

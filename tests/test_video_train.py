@@ -117,3 +117,23 @@ def test_vision_stage_trains_the_tower_alone_and_a_resume_cuts_the_log(tmp_path)
     trained = trained_state(load_embedded_video_model(out).model)
     changed = {k for k, v in trained.items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.vision_tower.") for k in changed)  # the tower alone
+
+
+def test_caption_stage_trains_projector_and_adapters_from_another_runs_parts(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["--frames", "16", "--eval-items", "1", "--warmup", "1", "--lora-rank", "2", "--vision-videos", "1"]
+    assert main(["--out", str(first), "--vision-steps", "1", "--projector-steps", "0", "--tower-steps", "0"] + base) == 0
+    start = {k: v.clone() for k, v in trained_state(load_embedded_video_model(first, merge=False).model).items()}
+    assert main(["--out", str(second), "--init-from", str(first), "--caption-steps", "1", "--projector-steps", "0",
+                 "--tower-steps", "0"] + base) == 0
+    record = json.loads((second / LOG_FILE).read_text().splitlines()[-1])
+    assert record["stage"] == "caption" and record["loss"] > 0
+    assert 0.0 <= record["heldout_caption_accuracy"] <= 1.0 and 0.0 <= record["heldout_nothing_accuracy"] <= 1.0
+    after = trained_state(load_embedded_video_model(second, merge=False).model)
+    changed = {k for k, v in after.items() if not torch.equal(v, start[k])}
+    assert any(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert any(k.endswith(".lora_b") for k in changed)
+    assert not any(k.startswith("model.vision_tower.") for k in changed)  # the tower is what the first run left
+    provenance = json.loads((second / "config.json").read_text())["provenance"]
+    assert provenance["init_from"]["folder"] == str(first)
+    assert provenance["init_from"]["provenance"]["config"]["vision_steps"] == 1

@@ -12,6 +12,8 @@ language model:
   needles (:func:`describe_task`); the frozen SmolLM2-135M does not answer these questions even so (:mod:`.lora`),
   so its adapters first learn to answer with the right option's words, cheaply (no video tokens; 64 held-out
   descriptions: 80% right after 50 steps, 100% after 200);
+* ``caption`` (``--caption-steps``): the projector and the adapters on one-frame captions ("a green circle",
+  "nothing"; :mod:`.frame_caption`), LLaVA's alignment stage, 16 video tokens per example instead of 256-512;
 * ``projector`` (``--projector-steps``): the projector (features -> word-embedding space) and the adapters;
 * ``joint`` (``--tower-steps``): the projector, the vision tower and the adapters together.
 
@@ -29,7 +31,9 @@ Every ``--eval-every`` steps the held-out accuracy is measured on ``--eval-items
 target is every token's argmax under teacher forcing (greedy decoding writes exactly the right option, then stops),
 overall and per question kind (after the text stage), and, when there is a text stage, also on the text
 descriptions of the same videos; in the vision stage, the probe's colour and shape accuracy on the frames of the
-same held-out videos. Every step is logged to ``train_log.jsonl``; the trained parts, the probe and the optimiser
+same held-out videos; in the caption stage, the share of their needle frames captioned exactly, and of their
+haystack frames captioned "nothing". ``--init-from DIR`` starts a new run from another run's trained parts (its
+provenance is kept in the new one's). Every step is logged to ``train_log.jsonl``; the trained parts, the probe and the optimiser
 state are saved every ``--save-every`` steps, so a killed run continues with ``--resume`` (the log is cut back to the
 saved step).
 """
@@ -50,10 +54,11 @@ import torch
 from namm_transfer.cli import ArgumentParser, run_program
 from namm_transfer.evals.video_qa import VideoQuestion
 from namm_transfer.evals.video_tasks import KINDS, TaskConfig, make_task
-from namm_transfer.video.frame_probe import FrameProbe, probe_batch, probe_loss
+from namm_transfer.video.frame_caption import caption_examples
+from namm_transfer.video.frame_probe import NO_NEEDLE, FrameProbe, probe_batch, probe_loss
 from namm_transfer.video.frames import FrameConfig, preprocess
 from namm_transfer.video.lora import LoraConfig, lora_parameters
-from namm_transfer.video.model import VideoModel, load_embedded_video_model, save_trained_parts
+from namm_transfer.video.model import CONFIG_FILE, VideoModel, load_embedded_video_model, save_trained_parts
 from namm_transfer.video.prompt import render_video_prompt, video_prompt_ids
 
 STATE_FILE = "train_state.pt"
@@ -67,16 +72,19 @@ class TrainConfig:
     Attributes:
         vision_steps: optimiser steps of the vision stage (tower and frame probe).
         text_steps: optimiser steps of the text stage (adapters only, text descriptions instead of videos).
+        caption_steps: optimiser steps of the caption stage (projector and adapters, one-frame captions).
         projector_steps: optimiser steps of the projector stage (projector and adapters).
         tower_steps: optimiser steps of the joint stage (projector, vision tower and adapters).
         batch_size: examples per optimiser step of the language-model stages.
-        vision_videos: videos per step of the vision stage (their needle frames and as many haystack frames).
+        vision_videos: videos per step of the vision and caption stages (their needle frames and as many haystack
+            frames).
         frames: video lengths drawn uniformly per example.
         projector_lr: AdamW learning rate of the projector stage (LLaVA's 1e-3 diverged here at batch 4: loss 4.4 -> 12 in
             four steps; 2e-4 fell from 4.4 to about 2.5 in eight).
         tower_lr: AdamW learning rate of the joint stage (every trained part).
         text_lr: AdamW learning rate of the text stage.
         vision_lr: AdamW learning rate of the vision stage.
+        caption_lr: AdamW learning rate of the caption stage.
         lora_rank: rank of the language model's adapters (0: none, the language model frozen).
         lora_alpha: adapter scale numerator (update x alpha / rank).
         warmup: linear warm-up steps at the start of each stage; cosine decay to 10% after it.
@@ -88,6 +96,7 @@ class TrainConfig:
 
     vision_steps: int = 0
     text_steps: int = 0
+    caption_steps: int = 0
     projector_steps: int = 200
     tower_steps: int = 800
     batch_size: int = 4
@@ -97,6 +106,7 @@ class TrainConfig:
     tower_lr: float = 2e-4
     text_lr: float = 5e-4
     vision_lr: float = 1e-3
+    caption_lr: float = 5e-4
     lora_rank: int = 0
     lora_alpha: float = 16.0
     warmup: int = 20
@@ -107,7 +117,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("vision_steps", "text_steps", "projector_steps", "tower_steps", "lora_rank", "warmup", "eval_every",
+        for name in ("vision_steps", "text_steps", "caption_steps", "projector_steps", "tower_steps", "lora_rank", "warmup", "eval_every",
                      "save_every", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -120,14 +130,14 @@ class TrainConfig:
             problems.append("text_steps train the adapters only, so they need lora_rank >= 1")
         if not self.frames or min(self.frames) < 16:
             problems.append(f"frames must be non-empty, each >= 16, got {self.frames}")
-        if min(self.projector_lr, self.tower_lr, self.text_lr, self.vision_lr, self.lora_alpha) <= 0:
+        if min(self.projector_lr, self.tower_lr, self.text_lr, self.vision_lr, self.caption_lr, self.lora_alpha) <= 0:
             problems.append("learning rates and lora_alpha must be positive")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
     @property
     def total_steps(self) -> int:
-        return self.vision_steps + self.text_steps + self.projector_steps + self.tower_steps
+        return self.vision_steps + self.text_steps + self.caption_steps + self.projector_steps + self.tower_steps
 
     @property
     def lora(self) -> LoraConfig:
@@ -218,13 +228,13 @@ def example_frames(config: TrainConfig, index: int) -> int:
     return config.frames[int(np.random.default_rng([config.seed, index]).integers(len(config.frames)))]
 
 
-STAGES = ("vision", "text", "projector", "joint")
+STAGES = ("vision", "text", "caption", "projector", "joint")
 
 
 def _stages(config: TrainConfig) -> list[tuple[str, int, int, float]]:
     """(stage, first step, steps, learning rate) of every stage, in order (empty stages included)."""
-    lengths = (config.vision_steps, config.text_steps, config.projector_steps, config.tower_steps)
-    rates = (config.vision_lr, config.text_lr, config.projector_lr, config.tower_lr)
+    lengths = (config.vision_steps, config.text_steps, config.caption_steps, config.projector_steps, config.tower_steps)
+    rates = (config.vision_lr, config.text_lr, config.caption_lr, config.projector_lr, config.tower_lr)
     starts = np.cumsum((0,) + lengths[:-1])
     return [(name, int(start), length, rate) for name, start, length, rate in zip(STAGES, starts, lengths, rates)]
 
@@ -247,7 +257,8 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 def _optimizer(video: VideoModel, stage: str, probe: FrameProbe) -> torch.optim.Optimizer:
     inner = video.model.model
-    modules = {"vision": [inner.vision_tower, probe], "text": [], "projector": [inner.multi_modal_projector],
+    modules = {"vision": [inner.vision_tower, probe], "text": [], "caption": [inner.multi_modal_projector],
+               "projector": [inner.multi_modal_projector],
                "joint": [inner.multi_modal_projector, inner.vision_tower]}[stage]
     for parameter in list(video.model.parameters()) + list(probe.parameters()):
         parameter.requires_grad_(False)
@@ -269,6 +280,20 @@ def heldout_probe_accuracy(video: VideoModel, probe: FrameProbe, items: int, num
     return colour_right, shape_right
 
 
+@torch.no_grad()
+def heldout_caption_accuracy(video: VideoModel, items: int, num_frames: int) -> tuple[float, float]:
+    """Shares of the needle frames and of as many haystack frames of the first ``items`` held-out videos whose
+    caption is every target token's argmax under teacher forcing."""
+    video.model.eval()
+    batch = probe_batch("heldout", 0, items, num_frames, video.vision.image_size, seed=0)
+    examples = [Example(*parts) for parts in caption_examples(video, batch)]
+    right = [bool(torch.equal(target_logits(video, example).argmax(dim=-1).cpu(), example.target_ids))
+             for example in examples]
+    needle = (batch.colours != NO_NEEDLE).tolist()
+    hits = {flag: [r for r, n in zip(right, needle) if n == flag] for flag in (True, False)}
+    return sum(hits[True]) / len(hits[True]), sum(hits[False]) / len(hits[False])
+
+
 def _step_losses(video: VideoModel, probe: FrameProbe, config: TrainConfig, step: int, stage: str) -> dict:
     """Forward and backward of one optimiser step's examples; the step's log entries (mean loss, and the probe's
     training accuracies in the vision stage)."""
@@ -279,13 +304,20 @@ def _step_losses(video: VideoModel, probe: FrameProbe, config: TrainConfig, step
         loss, colour_right, shape_right = probe_loss(video.model, probe, batch)
         loss.backward()
         return {"loss": loss.item(), "colour_accuracy": colour_right, "shape_accuracy": shape_right}
+    if stage == "caption":
+        first = step * config.vision_videos
+        batch = probe_batch("train", first, config.vision_videos, example_frames(config, first),
+                            video.vision.image_size, config.seed)
+        examples = [Example(*parts) for parts in caption_examples(video, batch)]
+    else:
+        indices = range(step * config.batch_size, (step + 1) * config.batch_size)
+        examples = [make_example(video, "train", index, example_frames(config, index), text=stage == "text")
+                    for index in indices]
     losses = []
-    for i in range(config.batch_size):
-        index = step * config.batch_size + i
-        example = make_example(video, "train", index, example_frames(config, index), text=stage == "text")
-        loss = example_loss(video, example) / config.batch_size
+    for example in examples:
+        loss = example_loss(video, example) / len(examples)
         loss.backward()
-        losses.append(loss.item() * config.batch_size)
+        losses.append(loss.item() * len(examples))
     return {"loss": float(np.mean(losses))}
 
 
@@ -296,6 +328,9 @@ def _evaluate(video: VideoModel, probe: FrameProbe, config: TrainConfig, stage: 
         colour, shape = heldout_probe_accuracy(video, probe, config.eval_items, config.frames[0])
         return {"heldout_colour_accuracy": colour, "heldout_shape_accuracy": shape}
     record = {}
+    if stage == "caption":
+        record["heldout_caption_accuracy"], record["heldout_nothing_accuracy"] = heldout_caption_accuracy(
+            video, config.eval_items, config.frames[0])
     if stage in ("projector", "joint"):
         record["heldout_accuracy"], record["heldout_accuracy_by_kind"] = heldout_accuracy(
             video, config.eval_items, config.frames[0])
@@ -312,8 +347,9 @@ def _cut_log(path: Path, steps_done: int) -> None:
 
 
 def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = False, max_minutes: float | None = None,
-          command: str = "") -> dict:
-    """Run (or continue) training; write the parts, state and log to ``out``. Returns the last log record."""
+          command: str = "", init_from: dict | None = None) -> dict:
+    """Run (or continue) training; write the parts, state and log to ``out``. Returns the last log record.
+    ``init_from``: the folder and provenance of the parts ``video`` started from, kept in the provenance."""
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -331,6 +367,8 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
         _cut_log(out / LOG_FILE, step)
     started, record = time.monotonic(), {}
     provenance = {"command": command, "config": asdict(config)}
+    if init_from is not None:
+        provenance["init_from"] = init_from
     while step < config.total_steps:
         if stage_of(step, config) != stage:
             stage = stage_of(step, config)
@@ -371,6 +409,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--vision-lr", type=float, default=defaults.vision_lr)
     parser.add_argument("--text-steps", type=int, default=defaults.text_steps,
                         help="text stage: adapters only, on text descriptions of the videos (needs --lora-rank)")
+    parser.add_argument("--caption-steps", type=int, default=defaults.caption_steps,
+                        help="caption stage: projector and adapters on one-frame captions")
+    parser.add_argument("--caption-lr", type=float, default=defaults.caption_lr)
     parser.add_argument("--projector-steps", type=int, default=defaults.projector_steps)
     parser.add_argument("--tower-steps", type=int, default=defaults.tower_steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -388,6 +429,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--save-every", type=int, default=defaults.save_every)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--init-from", default=None,
+                        help="start a new run from the trained parts in this folder (same adapter rank)")
     parser.add_argument("--max-minutes", type=float, default=None, help="save and stop after this wall time")
     parser.add_argument("--device", default="cpu")
     return parser
@@ -401,18 +444,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--frames must be comma-separated integers, got {args.frames!r}") from None
     config = TrainConfig(
         vision_steps=args.vision_steps, vision_videos=args.vision_videos, vision_lr=args.vision_lr,
-        text_steps=args.text_steps, projector_steps=args.projector_steps, tower_steps=args.tower_steps,
-        batch_size=args.batch_size, frames=frames, projector_lr=args.projector_lr, tower_lr=args.tower_lr,
-        text_lr=args.text_lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, warmup=args.warmup,
-        eval_every=args.eval_every, eval_items=args.eval_items, save_every=args.save_every, seed=args.seed,
+        text_steps=args.text_steps, caption_steps=args.caption_steps, caption_lr=args.caption_lr,
+        projector_steps=args.projector_steps, tower_steps=args.tower_steps, batch_size=args.batch_size, frames=frames,
+        projector_lr=args.projector_lr, tower_lr=args.tower_lr, text_lr=args.text_lr, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, warmup=args.warmup, eval_every=args.eval_every, eval_items=args.eval_items,
+        save_every=args.save_every, seed=args.seed,
     )
     out = Path(args.out)
     if args.resume and not (out / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: {out / STATE_FILE} does not exist")
-    video = load_embedded_video_model(out if args.resume else None, dtype="float32", device=args.device,
-                                      seed=config.seed, lora=config.lora, merge=False)
+    start = out if args.resume else args.init_from
+    video = load_embedded_video_model(start, dtype="float32", device=args.device, seed=config.seed, lora=config.lora,
+                                      merge=False)
+    init_from = None
+    if start is not None:
+        provenance = json.loads((Path(start) / CONFIG_FILE).read_text())["provenance"]
+        init_from = provenance.get("init_from") if args.resume else {"folder": str(start), "provenance": provenance}
     command = "python -m namm_transfer.video.train " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = train(video, config, out, resume=args.resume, max_minutes=args.max_minutes, command=command)
+    record = train(video, config, out, resume=args.resume, max_minutes=args.max_minutes, command=command,
+                   init_from=init_from)
     print(json.dumps(record))
     return 0
 

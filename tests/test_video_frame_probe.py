@@ -62,16 +62,31 @@ def test_probe_reads_the_projector_input_and_learns():
 
 
 def test_captions_name_the_needle_or_nothing():
-    from namm_transfer.video.frame_caption import NOTHING, caption_examples, caption_text
+    from namm_transfer.video.frame_caption import (
+        NOTHING, PADDING, CaptionBatch, caption_batch, caption_loss, caption_text, captions_right)
 
     assert caption_text(NO_NEEDLE, NO_NEEDLE) == NOTHING
     assert caption_text(1 + list(COLOURS).index("green"), 1 + SHAPES.index("circle")) == "a green circle"
     video = load_embedded_video_model(seed=0)
-    batch = probe_batch("train", 0, 1, 16, 64, seed=0)
-    examples = caption_examples(video, batch)
-    assert len(examples) == len(batch.pixels)
-    for (ids, pixels, target), colour, shape in zip(examples, batch.colours.tolist(), batch.shapes.tolist()):
-        assert pixels.shape == (1, 3, 64, 64)
-        assert (ids == video.model.config.video_token_id).sum() == video.vision.tokens_per_frame
-        assert torch.equal(ids[-len(target):], target) and target[-1] == video.tokenizer.eos_token_id
-        assert video.tokenizer.decode(target[:-1]) == caption_text(colour, shape)
+    frames = probe_batch("train", 0, 1, 16, 64, seed=0)
+    batch = caption_batch(video, frames)
+    assert batch.pixels.shape == (len(frames.pixels), 1, 3, 64, 64)
+    assert ((batch.input_ids == video.model.config.video_token_id).sum(1) == video.vision.tokens_per_frame).all()
+    for ids, target, colour, shape in zip(batch.input_ids, batch.targets, frames.colours.tolist(),
+                                          frames.shapes.tolist()):
+        words = target[target != PADDING]
+        assert words[-1] == video.tokenizer.eos_token_id
+        assert video.tokenizer.decode(words[:-1]) == caption_text(colour, shape)
+        assert torch.equal(ids[-len(target):][: len(words)], words)
+    # the batched loss is the mean of each frame's own loss computed alone, without padding
+    with torch.no_grad():
+        together = caption_loss(video.model, batch)
+        alone = []
+        for row in range(len(batch.targets)):
+            width = int((batch.targets[row] != PADDING).sum())
+            prompt = batch.input_ids.shape[1] - batch.targets.shape[1]
+            single = CaptionBatch(batch.input_ids[row : row + 1, : prompt + width], batch.pixels[row : row + 1],
+                                  batch.targets[row : row + 1, :width])
+            alone.append(caption_loss(video.model, single))
+            assert captions_right(video.model, single).item() == captions_right(video.model, batch)[row].item()
+    torch.testing.assert_close(together, torch.stack(alone).mean(), rtol=1e-4, atol=1e-4)

@@ -11,6 +11,8 @@ shape ("a green circle", the words of :func:`namm_transfer.video.train.describe_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from namm_transfer.evals.video_tasks import COLOURS, SHAPES
@@ -19,6 +21,8 @@ from namm_transfer.video.prompt import video_prompt_ids
 
 CAPTION_QUESTION = "What does this frame show?"
 NOTHING = "nothing"
+PADDING = -100
+"""Target id of the positions after a short caption (``cross_entropy``'s ``ignore_index``)."""
 
 
 def caption_text(colour: int, shape: int) -> str:
@@ -28,13 +32,56 @@ def caption_text(colour: int, shape: int) -> str:
     return f"a {list(COLOURS)[colour - 1]} {SHAPES[shape - 1]}"
 
 
-def caption_examples(video, batch: ProbeBatch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Every frame of ``batch`` as (ids (L,) ending in the targets, pixels (1, 3, S, S), targets (T,)): the
-    one-frame video prompt with :data:`CAPTION_QUESTION`, then the caption and ``<|im_end|>``."""
+@dataclass
+class CaptionBatch:
+    """Frames as one-frame videos with their captions, one row each.
+
+    Attributes:
+        input_ids: (B, P + T) the one-frame video prompt with :data:`CAPTION_QUESTION` (P tokens, the same for every
+            row), then the caption and ``<|im_end|>``, right-padded with ``<|im_end|>`` to the longest (T tokens).
+        pixels: (B, 1, 3, S, S) the frames.
+        targets: (B, T) the caption and ``<|im_end|>``, :data:`PADDING` after it.
+    """
+
+    input_ids: torch.Tensor
+    pixels: torch.Tensor
+    targets: torch.Tensor
+
+
+def caption_batch(video, frames: ProbeBatch) -> CaptionBatch:
+    """Every frame of ``frames`` with its caption (needle frames by colour and shape, the others :data:`NOTHING`)."""
     prompt = video_prompt_ids(video.tokenizer, video.model.config, CAPTION_QUESTION, num_frames=1)[0]
-    examples = []
-    for pixels, colour, shape in zip(batch.pixels, batch.colours.tolist(), batch.shapes.tolist()):
-        words = video.tokenizer(caption_text(colour, shape), add_special_tokens=False).input_ids
-        target = torch.tensor(words + [video.tokenizer.eos_token_id])
-        examples.append((torch.cat([prompt, target]), pixels[None], target))
-    return examples
+    eos = video.tokenizer.eos_token_id
+    captions = [video.tokenizer(caption_text(c, s), add_special_tokens=False).input_ids + [eos]
+                for c, s in zip(frames.colours.tolist(), frames.shapes.tolist())]
+    longest = max(map(len, captions))
+    targets = torch.tensor([ids + [PADDING] * (longest - len(ids)) for ids in captions])
+    answers = torch.where(targets == PADDING, eos, targets)
+    input_ids = torch.cat([prompt.expand(len(captions), -1), answers], dim=1)
+    return CaptionBatch(input_ids, frames.pixels[:, None], targets)
+
+
+def caption_logits(llava_model, batch: CaptionBatch) -> torch.Tensor:
+    """(B, T, V) float logits of the positions predicting each caption token (teacher forcing)."""
+    device = llava_model.device
+    width = batch.targets.shape[1]
+    logits = llava_model(input_ids=batch.input_ids.to(device), pixel_values_videos=batch.pixels.to(device),
+                         logits_to_keep=width + 1).logits
+    return logits[:, :-1].float()
+
+
+def caption_loss(llava_model, batch: CaptionBatch) -> torch.Tensor:
+    """Mean over frames of the mean cross-entropy of each caption's tokens."""
+    logits = caption_logits(llava_model, batch)
+    targets = batch.targets.to(logits.device)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PADDING,
+                                                  reduction="none")
+    return (per_token.sum(1) / (targets != PADDING).sum(1)).mean()
+
+
+@torch.no_grad()
+def captions_right(llava_model, batch: CaptionBatch) -> torch.Tensor:
+    """(B,) bool: every caption token is the argmax under teacher forcing (greedy decoding writes the caption)."""
+    greedy = caption_logits(llava_model, batch).argmax(-1).cpu()
+    padding = batch.targets == PADDING
+    return ((greedy == batch.targets) | padding).all(1)

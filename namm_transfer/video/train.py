@@ -54,7 +54,7 @@ import torch
 from namm_transfer.cli import ArgumentParser, run_program
 from namm_transfer.evals.video_qa import VideoQuestion
 from namm_transfer.evals.video_tasks import KINDS, TaskConfig, make_task
-from namm_transfer.video.frame_caption import caption_examples
+from namm_transfer.video.frame_caption import CaptionBatch, caption_batch, caption_loss, captions_right
 from namm_transfer.video.frame_probe import NO_NEEDLE, FrameProbe, probe_batch, probe_loss
 from namm_transfer.video.frames import FrameConfig, preprocess
 from namm_transfer.video.lora import LoraConfig, lora_parameters
@@ -285,13 +285,13 @@ def heldout_caption_accuracy(video: VideoModel, items: int, num_frames: int) -> 
     """Shares of the needle frames and of as many haystack frames of the first ``items`` held-out videos whose
     caption is every target token's argmax under teacher forcing."""
     video.model.eval()
-    batch = probe_batch("heldout", 0, items, num_frames, video.vision.image_size, seed=0)
-    examples = [Example(*parts) for parts in caption_examples(video, batch)]
-    right = [bool(torch.equal(target_logits(video, example).argmax(dim=-1).cpu(), example.target_ids))
-             for example in examples]
-    needle = (batch.colours != NO_NEEDLE).tolist()
-    hits = {flag: [r for r, n in zip(right, needle) if n == flag] for flag in (True, False)}
-    return sum(hits[True]) / len(hits[True]), sum(hits[False]) / len(hits[False])
+    frames = probe_batch("heldout", 0, items, num_frames, video.vision.image_size, seed=0)
+    batch = caption_batch(video, frames)
+    right = torch.cat([captions_right(video.model, CaptionBatch(batch.input_ids[i:i + 32], batch.pixels[i:i + 32],
+                                                                batch.targets[i:i + 32]))
+                       for i in range(0, len(batch.targets), 32)])
+    needle = frames.colours != NO_NEEDLE
+    return right[needle].float().mean().item(), right[~needle].float().mean().item()
 
 
 def _step_losses(video: VideoModel, probe: FrameProbe, config: TrainConfig, step: int, stage: str) -> dict:
@@ -306,18 +306,18 @@ def _step_losses(video: VideoModel, probe: FrameProbe, config: TrainConfig, step
         return {"loss": loss.item(), "colour_accuracy": colour_right, "shape_accuracy": shape_right}
     if stage == "caption":
         first = step * config.vision_videos
-        batch = probe_batch("train", first, config.vision_videos, example_frames(config, first),
-                            video.vision.image_size, config.seed)
-        examples = [Example(*parts) for parts in caption_examples(video, batch)]
-    else:
-        indices = range(step * config.batch_size, (step + 1) * config.batch_size)
-        examples = [make_example(video, "train", index, example_frames(config, index), text=stage == "text")
-                    for index in indices]
-    losses = []
-    for example in examples:
-        loss = example_loss(video, example) / len(examples)
+        frames = probe_batch("train", first, config.vision_videos, example_frames(config, first),
+                             video.vision.image_size, config.seed)
+        loss = caption_loss(video.model, caption_batch(video, frames))
         loss.backward()
-        losses.append(loss.item() * len(examples))
+        return {"loss": loss.item()}
+    losses = []
+    for i in range(config.batch_size):
+        index = step * config.batch_size + i
+        example = make_example(video, "train", index, example_frames(config, index), text=stage == "text")
+        loss = example_loss(video, example) / config.batch_size
+        loss.backward()
+        losses.append(loss.item() * config.batch_size)
     return {"loss": float(np.mean(losses))}
 
 

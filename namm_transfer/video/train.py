@@ -33,9 +33,9 @@ overall and per question kind (after the text stage), and, when there is a text 
 descriptions of the same videos; in the vision stage, the probe's colour and shape accuracy on the frames of the
 same held-out videos; in the caption stage, the share of their needle frames captioned exactly, and of their
 haystack frames captioned "nothing". ``--init-from DIR`` starts a new run from another run's trained parts (its
-provenance is kept in the new one's). Every step is logged to ``train_log.jsonl``; the trained parts, the probe and the optimiser
-state are saved every ``--save-every`` steps, so a killed run continues with ``--resume`` (the log is cut back to the
-saved step).
+provenance is kept in the new one's). Every step is logged to ``train_log.jsonl``; the trained parts, the probe and
+the optimiser state are saved every ``--save-every`` steps, so a killed run continues with ``--resume`` (the log is
+cut back to the saved step).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class TrainConfig:
         vision_videos: videos per step of the vision and caption stages (their needle frames and as many haystack
             frames).
         frames: video lengths drawn uniformly per example.
-        projector_lr: AdamW learning rate of the projector stage (LLaVA's 1e-3 diverged here at batch 4: loss 4.4 -> 12 in
-            four steps; 2e-4 fell from 4.4 to about 2.5 in eight).
+        projector_lr: AdamW learning rate of the projector stage (LLaVA's 1e-3 diverged here at batch 4: loss 4.4 -> 12
+            in four steps; 2e-4 fell from 4.4 to about 2.5 in eight).
         tower_lr: AdamW learning rate of the joint stage (every trained part).
         text_lr: AdamW learning rate of the text stage.
         vision_lr: AdamW learning rate of the vision stage.
@@ -117,8 +117,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("vision_steps", "text_steps", "caption_steps", "projector_steps", "tower_steps", "lora_rank", "warmup", "eval_every",
-                     "save_every", "seed"):
+        for name in ("vision_steps", "text_steps", "caption_steps", "projector_steps", "tower_steps", "lora_rank",
+                     "warmup", "eval_every", "save_every", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "vision_videos", "eval_items"):
@@ -297,20 +297,17 @@ def heldout_caption_accuracy(video: VideoModel, items: int, num_frames: int) -> 
 def _step_losses(video: VideoModel, probe: FrameProbe, config: TrainConfig, step: int, stage: str) -> dict:
     """Forward and backward of one optimiser step's examples; the step's log entries (mean loss, and the probe's
     training accuracies in the vision stage)."""
-    if stage == "vision":
-        first = step * config.vision_videos
-        batch = probe_batch("train", first, config.vision_videos, example_frames(config, first),
-                            video.vision.image_size, config.seed)
-        loss, colour_right, shape_right = probe_loss(video.model, probe, batch)
-        loss.backward()
-        return {"loss": loss.item(), "colour_accuracy": colour_right, "shape_accuracy": shape_right}
-    if stage == "caption":
+    if stage in ("vision", "caption"):
         first = step * config.vision_videos
         frames = probe_batch("train", first, config.vision_videos, example_frames(config, first),
                              video.vision.image_size, config.seed)
-        loss = caption_loss(video.model, caption_batch(video, frames))
+        if stage == "caption":
+            loss = caption_loss(video.model, caption_batch(video, frames))
+            loss.backward()
+            return {"loss": loss.item()}
+        loss, colour_right, shape_right = probe_loss(video.model, probe, frames)
         loss.backward()
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), "colour_accuracy": colour_right, "shape_accuracy": shape_right}
     losses = []
     for i in range(config.batch_size):
         index = step * config.batch_size + i
@@ -322,8 +319,9 @@ def _step_losses(video: VideoModel, probe: FrameProbe, config: TrainConfig, step
 
 
 def _evaluate(video: VideoModel, probe: FrameProbe, config: TrainConfig, stage: str) -> dict:
-    """Held-out measures for the log: the probe's in the vision stage; afterwards the video accuracy once the
-    projector has trained, and the text accuracy when there is a text stage."""
+    """Held-out measures for the log: the probe's in the vision stage, the captions' in the caption stage, the video
+    accuracy in the projector and joint stages, and the text accuracy after the vision stage when there is a text
+    stage."""
     if stage == "vision":
         colour, shape = heldout_probe_accuracy(video, probe, config.eval_items, config.frames[0])
         return {"heldout_colour_accuracy": colour, "heldout_shape_accuracy": shape}

@@ -107,11 +107,13 @@ def test_vision_stage_trains_the_tower_alone_and_a_resume_cuts_the_log(tmp_path)
     args = ["--out", str(out), "--vision-steps", "2", "--vision-videos", "2", "--projector-steps", "0",
             "--tower-steps", "0", "--frames", "16", "--eval-items", "2", "--warmup", "1", "--save-every", "1"]
     assert main(args + ["--max-minutes", "0"]) == 0  # saved after step 1
-    with open(out / LOG_FILE, "a") as log:  # a step logged after the save by a run that was then killed
-        log.write(json.dumps({"step": 2, "stage": "vision", "loss": 0.0}) + "\n")
+    saved = json.loads((out / LOG_FILE).read_text())
+    (out / LOG_FILE).write_text(json.dumps({**saved, "seconds": 1000.0}) + "\n"  # as if step 1 had taken 1000 s
+                                + json.dumps({"step": 2, "stage": "vision", "loss": 0.0}) + "\n")  # killed after
     assert main(args + ["--resume"]) == 0
     log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and {r["stage"] for r in log} == {"vision"}
+    assert log[1]["seconds"] > 1000.0  # the clock goes on from the saved step
     assert log[-1]["loss"] > 0 and 0.0 <= log[-1]["heldout_colour_accuracy"] <= 1.0
     assert 0.0 <= log[-1]["heldout_shape_accuracy"] <= 1.0 and 0.0 <= log[-1]["colour_accuracy"] <= 1.0
     trained = trained_state(load_embedded_video_model(out).model)

@@ -337,11 +337,15 @@ def _evaluate(video: VideoModel, probe: FrameProbe, config: TrainConfig, stage: 
     return record
 
 
-def _cut_log(path: Path, steps_done: int) -> None:
-    """Drop the log records of steps after ``steps_done`` (written after the last save by a run that was killed)."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= steps_done))
+def _cut_log(path: Path, steps_done: int) -> float:
+    """Drop the log records of steps after ``steps_done`` (written after the last save by a run that was killed);
+    returns the training seconds logged at step ``steps_done`` (0 when none), where a resumed run's clock goes on."""
+    if not path.is_file():
+        return 0.0
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [record for record in records if record["step"] <= steps_done]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    return kept[-1]["seconds"] if kept else 0.0
 
 
 def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = False, max_minutes: float | None = None,
@@ -352,7 +356,7 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         probe = FrameProbe(video.vision.hidden_size).to(video.model.device)
-    step, stage = 0, stage_of(0, config)
+    step, stage, seconds_before = 0, stage_of(0, config), 0.0
     optimizer = _optimizer(video, stage, probe)
     if resume:
         state = torch.load(out / STATE_FILE, weights_only=False)
@@ -362,7 +366,7 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
         probe.load_state_dict(state["probe"])
         optimizer = _optimizer(video, stage, probe)
         optimizer.load_state_dict(state["optimizer"])
-        _cut_log(out / LOG_FILE, step)
+        seconds_before = _cut_log(out / LOG_FILE, step)
     started, record = time.monotonic(), {}
     provenance = {"command": command, "config": asdict(config)}
     if init_from is not None:
@@ -379,7 +383,7 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
         optimizer.step()
         step += 1
         record = {"step": step, "stage": stage, **losses, "lr": learning_rate(step - 1, config),
-                  "seconds": round(time.monotonic() - started, 1)}
+                  "seconds": round(seconds_before + time.monotonic() - started, 1)}
         last = step == config.total_steps
         if (config.eval_every and step % config.eval_every == 0) or last:
             record.update(_evaluate(video, probe, config, stage))

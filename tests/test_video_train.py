@@ -11,7 +11,9 @@ import torch
 
 from namm_transfer.video.lora import LORA_SUFFIXES, LoraConfig
 from namm_transfer.video.model import load_embedded_video_model, trained_state
+from namm_transfer.evals.video_tasks import TaskConfig, make_task
 from namm_transfer.video.train import (
+    DESCRIBE_QUESTION,
     LOG_FILE,
     STATE_FILE,
     TrainConfig,
@@ -19,6 +21,7 @@ from namm_transfer.video.train import (
     learning_rate,
     main,
     make_example,
+    needle_list,
     stage_of,
 )
 
@@ -33,6 +36,20 @@ def test_config_schedule_and_examples():
     for bad in ({"frames": (8,)}, {"batch_size": 0}, {"projector_steps": 0, "tower_steps": 0}, {"tower_lr": 0.0}):
         with pytest.raises(ValueError, match="invalid TrainConfig"):
             TrainConfig(**bad)
+
+
+def test_describe_examples_list_every_needle_in_order():
+    video = load_embedded_video_model(seed=0)
+    task, _ = make_task("train", "count", 16, 0, TaskConfig(size=video.vision.image_size))  # index 2: count, item 0
+    needles = sorted(task.needles, key=lambda n: n.start)
+    assert needle_list(task) == ", then ".join([f"a {needles[0].colour} {needles[0].shape}"] * len(needles))
+    example = make_example(video, "train", 2, 16, describe=True)
+    assert (example.input_ids == video.model.config.video_token_id).sum() == 16 * 16
+    assert video.tokenizer.decode(example.target_ids) == needle_list(task) + video.tokenizer.eos_token
+    prompt = video.tokenizer.decode(example.input_ids[:-len(example.target_ids)])
+    assert DESCRIBE_QUESTION in prompt and task.question not in prompt
+    with pytest.raises(ValueError, match="not both"):
+        make_example(video, "train", 2, 16, text=True, describe=True)
 
 
 def test_tiny_run_trains_the_vision_parts_only_and_resumes(tmp_path, capsys):
@@ -107,6 +124,10 @@ def test_vision_stage_trains_the_tower_alone_and_a_resume_cuts_the_log(tmp_path)
     args = ["--out", str(out), "--vision-steps", "2", "--vision-videos", "2", "--projector-steps", "0",
             "--tower-steps", "0", "--frames", "16", "--eval-items", "2", "--warmup", "1", "--save-every", "1"]
     assert main(args + ["--max-minutes", "0"]) == 0  # saved after step 1
+    state = torch.load(out / STATE_FILE, weights_only=False)
+    for added_later in ("describe_steps", "describe_lr"):  # a state saved before these settings existed
+        del state["config"][added_later]
+    torch.save(state, out / STATE_FILE)
     saved = json.loads((out / LOG_FILE).read_text())
     (out / LOG_FILE).write_text(json.dumps({**saved, "seconds": 1000.0}) + "\n"  # as if step 1 had taken 1000 s
                                 + json.dumps({"step": 2, "stage": "vision", "loss": 0.0}) + "\n")  # killed after
@@ -121,16 +142,18 @@ def test_vision_stage_trains_the_tower_alone_and_a_resume_cuts_the_log(tmp_path)
     assert changed and all(k.startswith("model.vision_tower.") for k in changed)  # the tower alone
 
 
-def test_caption_stage_trains_projector_and_adapters_from_another_runs_parts(tmp_path):
+def test_caption_and_describe_stages_train_projector_and_adapters_from_another_runs_parts(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     base = ["--frames", "16", "--eval-items", "1", "--warmup", "1", "--lora-rank", "2", "--vision-videos", "1"]
     assert main(["--out", str(first), "--vision-steps", "1", "--projector-steps", "0", "--tower-steps", "0"] + base) == 0
     start = {k: v.clone() for k, v in trained_state(load_embedded_video_model(first, merge=False).model).items()}
-    assert main(["--out", str(second), "--init-from", str(first), "--caption-steps", "1", "--projector-steps", "0",
-                 "--tower-steps", "0"] + base) == 0
-    record = json.loads((second / LOG_FILE).read_text().splitlines()[-1])
-    assert record["stage"] == "caption" and record["loss"] > 0
-    assert 0.0 <= record["heldout_caption_accuracy"] <= 1.0 and 0.0 <= record["heldout_nothing_accuracy"] <= 1.0
+    assert main(["--out", str(second), "--init-from", str(first), "--caption-steps", "1", "--describe-steps", "1",
+                 "--projector-steps", "0", "--tower-steps", "0", "--eval-every", "1"] + base) == 0
+    caption, describe = [json.loads(line) for line in (second / LOG_FILE).read_text().splitlines()]
+    assert caption["stage"] == "caption" and caption["loss"] > 0
+    assert 0.0 <= caption["heldout_caption_accuracy"] <= 1.0 and 0.0 <= caption["heldout_nothing_accuracy"] <= 1.0
+    assert describe["stage"] == "describe" and describe["loss"] > 0
+    assert 0.0 <= describe["heldout_describe_accuracy"] <= 1.0 and 0.0 <= describe["heldout_accuracy"] <= 1.0
     after = trained_state(load_embedded_video_model(second, merge=False).model)
     changed = {k for k, v in after.items() if not torch.equal(v, start[k])}
     assert any(k.startswith("model.multi_modal_projector.") for k in changed)

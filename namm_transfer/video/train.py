@@ -14,6 +14,9 @@ language model:
   descriptions: 80% right after 50 steps, 100% after 200);
 * ``caption`` (``--caption-steps``): the projector and the adapters on one-frame captions ("a green circle",
   "nothing"; :mod:`.frame_caption`), LLaVA's alignment stage, 16 video tokens per example instead of 256-512;
+* ``describe`` (``--describe-steps``): the projector and the adapters on whole videos, asked
+  :data:`DESCRIBE_QUESTION`, target the needles in order (:func:`needle_list`, "a green circle, then a magenta
+  cross"): the dense version of every question kind (each needle's colour and shape, their count and order);
 * ``projector`` (``--projector-steps``): the projector (features -> word-embedding space) and the adapters;
 * ``joint`` (``--tower-steps``): the projector, the vision tower and the adapters together.
 
@@ -73,6 +76,7 @@ class TrainConfig:
         vision_steps: optimiser steps of the vision stage (tower and frame probe).
         text_steps: optimiser steps of the text stage (adapters only, text descriptions instead of videos).
         caption_steps: optimiser steps of the caption stage (projector and adapters, one-frame captions).
+        describe_steps: optimiser steps of the describe stage (projector and adapters, whole-video needle lists).
         projector_steps: optimiser steps of the projector stage (projector and adapters).
         tower_steps: optimiser steps of the joint stage (projector, vision tower and adapters).
         batch_size: examples per optimiser step of the language-model stages.
@@ -85,6 +89,7 @@ class TrainConfig:
         text_lr: AdamW learning rate of the text stage.
         vision_lr: AdamW learning rate of the vision stage.
         caption_lr: AdamW learning rate of the caption stage.
+        describe_lr: AdamW learning rate of the describe stage.
         lora_rank: rank of the language model's adapters (0: none, the language model frozen).
         lora_alpha: adapter scale numerator (update x alpha / rank).
         warmup: linear warm-up steps at the start of each stage; cosine decay to 10% after it.
@@ -97,6 +102,7 @@ class TrainConfig:
     vision_steps: int = 0
     text_steps: int = 0
     caption_steps: int = 0
+    describe_steps: int = 0
     projector_steps: int = 200
     tower_steps: int = 800
     batch_size: int = 4
@@ -107,6 +113,7 @@ class TrainConfig:
     text_lr: float = 5e-4
     vision_lr: float = 1e-3
     caption_lr: float = 5e-4
+    describe_lr: float = 2e-4
     lora_rank: int = 0
     lora_alpha: float = 16.0
     warmup: int = 20
@@ -117,8 +124,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("vision_steps", "text_steps", "caption_steps", "projector_steps", "tower_steps", "lora_rank",
-                     "warmup", "eval_every", "save_every", "seed"):
+        for name in ("vision_steps", "text_steps", "caption_steps", "describe_steps", "projector_steps", "tower_steps",
+                     "lora_rank", "warmup", "eval_every", "save_every", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "vision_videos", "eval_items"):
@@ -130,14 +137,15 @@ class TrainConfig:
             problems.append("text_steps train the adapters only, so they need lora_rank >= 1")
         if not self.frames or min(self.frames) < 16:
             problems.append(f"frames must be non-empty, each >= 16, got {self.frames}")
-        if min(self.projector_lr, self.tower_lr, self.text_lr, self.vision_lr, self.caption_lr, self.lora_alpha) <= 0:
+        if min(self.projector_lr, self.tower_lr, self.text_lr, self.vision_lr, self.caption_lr, self.describe_lr,
+               self.lora_alpha) <= 0:
             problems.append("learning rates and lora_alpha must be positive")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
     @property
     def total_steps(self) -> int:
-        return self.vision_steps + self.text_steps + self.caption_steps + self.projector_steps + self.tower_steps
+        return sum(length for _, _, length, _ in _stages(self))
 
     @property
     def lora(self) -> LoraConfig:
@@ -161,6 +169,17 @@ class Example:
     target_ids: torch.Tensor
 
 
+DESCRIBE_QUESTION = "Which objects appear in the video, in order?"
+"""The describe stage's question; its answer is :func:`needle_list`."""
+
+
+def needle_list(task) -> str:
+    """The describe stage's target: the task's needles in order of appearance, e.g. "a green circle, then a magenta
+    cross" (a count task's needle once per appearance)."""
+    needles = sorted(task.needles, key=lambda needle: needle.start)
+    return ", then ".join(f"a {n.colour} {n.shape}" for n in needles)
+
+
 def describe_task(task) -> str:
     """The video as text, for the text stage: its needles in order, e.g. "Video: frame 4: a green circle; frame 9: a
     magenta cross." (the haystack is not described)."""
@@ -168,18 +187,24 @@ def describe_task(task) -> str:
     return "Video: " + "; ".join(f"frame {n.start}: a {n.colour} {n.shape}" for n in needles) + "."
 
 
-def make_example(video: VideoModel, split: str, index: int, num_frames: int, text: bool = False) -> Example:
+def make_example(video: VideoModel, split: str, index: int, num_frames: int, text: bool = False,
+                 describe: bool = False) -> Example:
     """Task ``index`` of ``split`` (kinds in turn) as model input, with the right option's text and ``<|im_end|>``
-    appended to the prompt ids as targets; ``text``: the video replaced by :func:`describe_task` (no pixels)."""
+    appended to the prompt ids as targets; ``text``: the video replaced by :func:`describe_task` (no pixels);
+    ``describe``: the question replaced by :data:`DESCRIBE_QUESTION` and the target by :func:`needle_list`."""
+    if text and describe:
+        raise ValueError("an example is either a text description or a describe question, not both")
     kind = KINDS[index % len(KINDS)]
     task, frames = make_task(split, kind, num_frames, index // len(KINDS), TaskConfig(size=video.vision.image_size))
     question = task_question(task)
-    if text:
+    if describe:
+        prompt = video_prompt_ids(video.tokenizer, video.model.config, DESCRIBE_QUESTION, num_frames)[0]
+    elif text:
         rendered, templated = render_video_prompt(video.tokenizer, question.prompt(), describe_task(task))
         prompt = video.tokenizer(rendered, return_tensors="pt", add_special_tokens=not templated).input_ids[0]
     else:
         prompt = video_prompt_ids(video.tokenizer, video.model.config, question.prompt(), num_frames)[0]
-    answer = question.options[question.letters.index(question.answer)]
+    answer = needle_list(task) if describe else question.options[question.letters.index(question.answer)]
     target = torch.tensor(video.tokenizer(answer, add_special_tokens=False).input_ids + [video.tokenizer.eos_token_id])
     pixels = None if text else preprocess(frames, FrameConfig(num_frames=num_frames, size=video.vision.image_size))
     return Example(torch.cat([prompt, target]), pixels, target)
@@ -206,16 +231,16 @@ def example_loss(video: VideoModel, example: Example) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_accuracy(video: VideoModel, items: int, num_frames: int, text: bool = False
+def heldout_accuracy(video: VideoModel, items: int, num_frames: int, text: bool = False, describe: bool = False
                      ) -> tuple[float, dict[str, float]]:
     """Share of the first ``items`` held-out tasks whose target tokens are all the argmax under teacher forcing
     (greedy decoding writes the right option, then ``<|im_end|>``), overall and per question kind (task ``index``
     has kind ``KINDS[index % 4]``; a kind with no task among them is left out); ``text``: on the text descriptions
-    of the videos."""
+    of the videos; ``describe``: the needle lists of the videos (:func:`make_example`)."""
     video.model.eval()
     right = {kind: [] for kind in KINDS}
     for index in range(items):
-        example = make_example(video, "heldout", index, num_frames, text=text)
+        example = make_example(video, "heldout", index, num_frames, text=text, describe=describe)
         greedy = target_logits(video, example).argmax(dim=-1).cpu()
         right[KINDS[index % len(KINDS)]].append(bool(torch.equal(greedy, example.target_ids)))
     overall = sum(map(sum, right.values())) / items
@@ -228,13 +253,15 @@ def example_frames(config: TrainConfig, index: int) -> int:
     return config.frames[int(np.random.default_rng([config.seed, index]).integers(len(config.frames)))]
 
 
-STAGES = ("vision", "text", "caption", "projector", "joint")
+STAGES = ("vision", "text", "caption", "describe", "projector", "joint")
 
 
 def _stages(config: TrainConfig) -> list[tuple[str, int, int, float]]:
     """(stage, first step, steps, learning rate) of every stage, in order (empty stages included)."""
-    lengths = (config.vision_steps, config.text_steps, config.caption_steps, config.projector_steps, config.tower_steps)
-    rates = (config.vision_lr, config.text_lr, config.caption_lr, config.projector_lr, config.tower_lr)
+    lengths = (config.vision_steps, config.text_steps, config.caption_steps, config.describe_steps,
+               config.projector_steps, config.tower_steps)
+    rates = (config.vision_lr, config.text_lr, config.caption_lr, config.describe_lr, config.projector_lr,
+             config.tower_lr)
     starts = np.cumsum((0,) + lengths[:-1])
     return [(name, int(start), length, rate) for name, start, length, rate in zip(STAGES, starts, lengths, rates)]
 
@@ -258,7 +285,7 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 def _optimizer(video: VideoModel, stage: str, probe: FrameProbe) -> torch.optim.Optimizer:
     inner = video.model.model
     modules = {"vision": [inner.vision_tower, probe], "text": [], "caption": [inner.multi_modal_projector],
-               "projector": [inner.multi_modal_projector],
+               "describe": [inner.multi_modal_projector], "projector": [inner.multi_modal_projector],
                "joint": [inner.multi_modal_projector, inner.vision_tower]}[stage]
     for parameter in list(video.model.parameters()) + list(probe.parameters()):
         parameter.requires_grad_(False)
@@ -311,7 +338,8 @@ def _step_losses(video: VideoModel, probe: FrameProbe, config: TrainConfig, step
     losses = []
     for i in range(config.batch_size):
         index = step * config.batch_size + i
-        example = make_example(video, "train", index, example_frames(config, index), text=stage == "text")
+        example = make_example(video, "train", index, example_frames(config, index), text=stage == "text",
+                               describe=stage == "describe")
         loss = example_loss(video, example) / config.batch_size
         loss.backward()
         losses.append(loss.item() * config.batch_size)
@@ -319,9 +347,9 @@ def _step_losses(video: VideoModel, probe: FrameProbe, config: TrainConfig, step
 
 
 def _evaluate(video: VideoModel, probe: FrameProbe, config: TrainConfig, stage: str) -> dict:
-    """Held-out measures for the log: the probe's in the vision stage, the captions' in the caption stage, the video
-    accuracy in the projector and joint stages, and the text accuracy after the vision stage when there is a text
-    stage."""
+    """Held-out measures for the log: the probe's in the vision stage, the captions' in the caption stage, the needle
+    lists' in the describe stage, the video accuracy in the describe, projector and joint stages, and the text
+    accuracy after the vision stage when there is a text stage."""
     if stage == "vision":
         colour, shape = heldout_probe_accuracy(video, probe, config.eval_items, config.frames[0])
         return {"heldout_colour_accuracy": colour, "heldout_shape_accuracy": shape}
@@ -329,7 +357,10 @@ def _evaluate(video: VideoModel, probe: FrameProbe, config: TrainConfig, stage: 
     if stage == "caption":
         record["heldout_caption_accuracy"], record["heldout_nothing_accuracy"] = heldout_caption_accuracy(
             video, config.eval_items, config.frames[0])
-    if stage in ("projector", "joint"):
+    if stage == "describe":
+        record["heldout_describe_accuracy"], _ = heldout_accuracy(video, config.eval_items, config.frames[0],
+                                                                  describe=True)
+    if stage in ("describe", "projector", "joint"):
         record["heldout_accuracy"], record["heldout_accuracy_by_kind"] = heldout_accuracy(
             video, config.eval_items, config.frames[0])
     if config.text_steps:
@@ -360,7 +391,8 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
     optimizer = _optimizer(video, stage, probe)
     if resume:
         state = torch.load(out / STATE_FILE, weights_only=False)
-        if state["config"] != asdict(config):
+        saved = {**asdict(TrainConfig()), **state["config"]}  # a setting added since the save has its default
+        if saved != asdict(config):
             raise ValueError(f"{out / STATE_FILE} was written with other settings; start a new folder")
         step, stage = state["step"], state["stage"]  # the loop switches stage if the saved one just ended
         probe.load_state_dict(state["probe"])
@@ -414,6 +446,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--caption-steps", type=int, default=defaults.caption_steps,
                         help="caption stage: projector and adapters on one-frame captions")
     parser.add_argument("--caption-lr", type=float, default=defaults.caption_lr)
+    parser.add_argument("--describe-steps", type=int, default=defaults.describe_steps,
+                        help="describe stage: projector and adapters, each video's needles listed in order")
+    parser.add_argument("--describe-lr", type=float, default=defaults.describe_lr)
     parser.add_argument("--projector-steps", type=int, default=defaults.projector_steps)
     parser.add_argument("--tower-steps", type=int, default=defaults.tower_steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -447,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = TrainConfig(
         vision_steps=args.vision_steps, vision_videos=args.vision_videos, vision_lr=args.vision_lr,
         text_steps=args.text_steps, caption_steps=args.caption_steps, caption_lr=args.caption_lr,
+        describe_steps=args.describe_steps, describe_lr=args.describe_lr,
         projector_steps=args.projector_steps, tower_steps=args.tower_steps, batch_size=args.batch_size, frames=frames,
         projector_lr=args.projector_lr, tower_lr=args.tower_lr, text_lr=args.text_lr, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, warmup=args.warmup, eval_every=args.eval_every, eval_items=args.eval_items,

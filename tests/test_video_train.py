@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
+from namm_transfer.evals.video_tasks import TaskConfig, make_task
 from namm_transfer.video.lora import LORA_SUFFIXES, LoraConfig
 from namm_transfer.video.model import load_embedded_video_model, trained_state
-from namm_transfer.evals.video_tasks import TaskConfig, make_task
 from namm_transfer.video.train import (
     DESCRIBE_QUESTION,
     LOG_FILE,

@@ -5,8 +5,8 @@ Here the question-answering loss over a whole video (256-512 video tokens, ~20 s
 left the held-out accuracy at chance after 100 projector steps even with a tower whose probe reads every needle's
 colour; a caption of ONE frame costs 16 video tokens and a short prompt, so the projector learns the language
 model's view of a frame from many more examples per second. A frame with a needle is captioned with its colour and
-shape ("a green circle", the words of :func:`namm_transfer.video.train.describe_task`), a haystack frame with
-:data:`NOTHING`.
+shape (:func:`needle_phrase`, "a green circle", the words every training target uses for a needle), a haystack
+frame with :data:`NOTHING`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,17 @@ PADDING = -100
 """Target id of the positions after a short caption (``cross_entropy``'s ``ignore_index``)."""
 
 
+def needle_phrase(colour: str, shape: str) -> str:
+    """How every training target names a needle: "a green circle" (captions, the text stage's descriptions and the
+    describe stage's needle lists in :mod:`.train`)."""
+    return f"a {colour} {shape}"
+
+
 def caption_text(colour: int, shape: int) -> str:
     """The caption of a frame with probe labels ``colour`` and ``shape`` (:mod:`.frame_probe`)."""
     if colour == NO_NEEDLE:
         return NOTHING
-    return f"a {list(COLOURS)[colour - 1]} {SHAPES[shape - 1]}"
+    return needle_phrase(list(COLOURS)[colour - 1], SHAPES[shape - 1])
 
 
 @dataclass

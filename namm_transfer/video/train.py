@@ -57,7 +57,7 @@ import torch
 from namm_transfer.cli import ArgumentParser, run_program
 from namm_transfer.evals.video_qa import VideoQuestion
 from namm_transfer.evals.video_tasks import KINDS, TaskConfig, make_task
-from namm_transfer.video.frame_caption import CaptionBatch, caption_batch, caption_loss, captions_right
+from namm_transfer.video.frame_caption import CaptionBatch, caption_batch, caption_loss, captions_right, needle_phrase
 from namm_transfer.video.frame_probe import NO_NEEDLE, FrameProbe, probe_batch, probe_loss
 from namm_transfer.video.frames import FrameConfig, preprocess
 from namm_transfer.video.lora import LoraConfig, lora_parameters
@@ -173,18 +173,22 @@ DESCRIBE_QUESTION = "Which objects appear in the video, in order?"
 """The describe stage's question; its answer is :func:`needle_list`."""
 
 
+def _needles_in_order(task) -> list:
+    """The task's needles by first frame."""
+    return sorted(task.needles, key=lambda needle: needle.start)
+
+
 def needle_list(task) -> str:
     """The describe stage's target: the task's needles in order of appearance, e.g. "a green circle, then a magenta
     cross" (a count task's needle once per appearance)."""
-    needles = sorted(task.needles, key=lambda needle: needle.start)
-    return ", then ".join(f"a {n.colour} {n.shape}" for n in needles)
+    return ", then ".join(needle_phrase(n.colour, n.shape) for n in _needles_in_order(task))
 
 
 def describe_task(task) -> str:
     """The video as text, for the text stage: its needles in order, e.g. "Video: frame 4: a green circle; frame 9: a
     magenta cross." (the haystack is not described)."""
-    needles = sorted(task.needles, key=lambda needle: needle.start)
-    return "Video: " + "; ".join(f"frame {n.start}: a {n.colour} {n.shape}" for n in needles) + "."
+    return "Video: " + "; ".join(f"frame {n.start}: {needle_phrase(n.colour, n.shape)}"
+                                 for n in _needles_in_order(task)) + "."
 
 
 def make_example(video: VideoModel, split: str, index: int, num_frames: int, text: bool = False,

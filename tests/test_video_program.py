@@ -23,7 +23,7 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, capsys):
     (data / "videos" / f"{tasks[1].id}.mp4").write_bytes(b"not a video at all" * 10)
     out = tmp_path / "out"
     argv = ["--parts", "none", "--data", str(data), "--frames", "4", "--methods", "full,namm,recency",
-            "--ratios", "0.5", "--update-every", "32", "--chunk-size", "32", "--dtype", "float32", "--out", str(out)]
+            "--ratios", "0.5", "--update-every", "32", "--chunk-size", "32", "--out", str(out)]
     assert run_program(main, argv) == 0
     printed = capsys.readouterr().out
     assert "recency@matched" in printed and "results:" in printed
@@ -49,6 +49,7 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, capsys):
     answered = next(r for r in records if "failed" not in r)
     assert answered["num_frames"] == 4 and len(answered["frame_retention"]) == 30  # SmolLM2's layers
     assert json.loads((full_folder / "metrics.json").read_text())["method"] == "full"
+    assert json.loads((full_folder / "config.json").read_text())["dtype"] == "float32"  # --dtype auto on the CPU
 
     assert run_program(main, argv) == 0  # resumed: nothing recomputed
     assert "[" not in capsys.readouterr().out.split("method")[0]

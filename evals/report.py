@@ -164,6 +164,14 @@ def _cell(value, float_digits: int) -> str:
     return str(value)
 
 
+def with_interval(mean: float | None, interval: Sequence[float] | None, digits: int = 1) -> str | None:
+    """``"45.8 [40.1, 51.2]"``, or None when there is no value."""
+    if mean is None or interval is None:
+        return None
+    low, high = interval
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, float_digits: int = 2) -> str:
     """A fixed-width text table: a header, a rule and one line per row; numbers right-aligned, text
     left-aligned, missing cells "-". ``columns`` defaults to the keys in first-seen order."""

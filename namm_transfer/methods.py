@@ -104,6 +104,13 @@ def bias_tag(keep_bias: float) -> str:
     return format(keep_bias, "+g")
 
 
+def paired_comparisons(methods: Iterable[Method]) -> list[tuple[Method, Method]]:
+    """The paired comparisons the programs report, ``A - B`` on the same items: A each NAMM method (every keep
+    bias), B the full cache and every baseline run at A's matched budget, in ``methods``' order."""
+    methods = list(methods)
+    return [(a, b) for a in methods if a.rule == "namm" for b in methods if b.rule == "full" or b.namm_source == a]
+
+
 def comparison(
     rules: Iterable[str], ratios: Sequence[float], with_namm: bool, keep_biases: Sequence[float] = (0.0,)
 ) -> list[Method]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Mapping, Sequence
 
+from namm_transfer.evals.report import with_interval
 from namm_transfer.evals.stats import mean_interval, paired_difference
-from namm_transfer.methods import Method
+from namm_transfer.methods import Method, paired_comparisons
 
 DENSE = "answer_logprob"
 """Record and summary key of the dense metric."""
@@ -69,27 +70,11 @@ def paired_differences(records: Mapping[Method, Sequence[Mapping]]) -> list[dict
     """Per NAMM method A (each keep bias): ``A - full`` and ``A - <rule>@matched`` for every baseline run at A's
     matched budget, on the items both finished: score (points, 0-100) and dense answer log-probability, each
     ``{"items", "mean", "ci95"}`` or None when they share no item."""
-    rows = []
-    for a, a_records in records.items():
-        if a.rule != "namm":
-            continue
-        for b, b_records in records.items():
-            if b.rule != "full" and b.namm_source != a:
-                continue
-            rows.append({
-                "comparison": f"{a.label} - {b.label}", "a": a.label, "b": b.label,
-                "score": paired_difference(_per_item(a_records, "score", 100.0), _per_item(b_records, "score", 100.0)),
-                DENSE: paired_difference(_per_item(a_records, DENSE), _per_item(b_records, DENSE)),
-            })
-    return rows
-
-
-def with_interval(mean: float | None, interval: Sequence[float] | None, digits: int = 1) -> str | None:
-    """``"45.8 [40.1, 51.2]"``, or None when there is no value."""
-    if mean is None or interval is None:
-        return None
-    low, high = interval
-    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return [{
+        "comparison": f"{a.label} - {b.label}", "a": a.label, "b": b.label,
+        "score": paired_difference(_per_item(records[a], "score", 100.0), _per_item(records[b], "score", 100.0)),
+        DENSE: paired_difference(_per_item(records[a], DENSE), _per_item(records[b], DENSE)),
+    } for a, b in paired_comparisons(records)]
 
 
 def _mib(value: float | None) -> float | None:

@@ -4,9 +4,10 @@ baselines."""
 
 import pytest
 
+from namm_transfer.evals.report import with_interval
 from namm_transfer.evals.stats import bootstrap_mean_interval
 from namm_transfer.methods import MATCHED, Method
-from namm_transfer.text_summary import method_table, paired_differences, paired_table, summarise, with_interval
+from namm_transfer.text_summary import method_table, paired_differences, paired_table, summarise
 
 
 def record(item, score, logprob=None, total=300, old=False):

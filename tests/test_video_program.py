@@ -40,6 +40,9 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, capsys):
     for row in rows.values():  # the total is K/V + policy bytes summed at one moment: between the K/V peak and the sum
         assert row["kv_mb_peak"] < row["total_mb_peak"] <= row["kv_mb_peak"] + row["policy_mb_peak"] + 1e-9
     assert rows["namm"]["policy_mb_peak"] > rows["full"]["policy_mb_peak"] > 0  # the NAMM's queries and state
+    paired = {row["comparison"]: row["accuracy"] for row in summary["paired"]}
+    assert set(paired) == {"namm - full", "namm - recency@matched"} and paired["namm - full"]["items"] == 1
+    assert set(rows["full"]["per_category"]) == {"colour"} and set(rows["full"]["per_frames"]) == {"4"}
     assert (out / "accuracy_vs_kv.png").stat().st_size > 0 and (out / "frame_retention.png").stat().st_size > 0
     assert (out / "accuracy_vs_memory.png").stat().st_size > 0
     full_folder = next(out.glob("*__full__full"))

@@ -9,7 +9,9 @@ llava-hf/LLaVA-NeXT-Video-7B-hf snapshot), ``--dataset`` with ``--data DIR`` a b
 One results folder per method (``predictions.jsonl``, ``metrics.json``, ``config.json``); a rerun of the same
 command skips finished items. A missing or corrupt video is recorded as a failed item with its reason. At the end:
 a table on stdout (accuracy with its 95% bootstrap interval, mean and peak KV tokens and bytes, the policy's bytes and
-the total K/V + policy bytes at their peak, tokens per second), ``summary.json``, ``accuracy_vs_kv.png`` (against
+the total K/V + policy bytes at their peak, tokens per second) and one of the NAMM's paired differences against the
+full cache and each baseline at its matched budget (:mod:`namm_transfer.video.summary`), ``summary.json`` (also
+accuracy per category and per number of frames), ``accuracy_vs_kv.png`` (against
 retained KV %), ``accuracy_vs_memory.png`` (against the peak total bytes held) and ``frame_retention.png`` (frames x
 layers heat map per method).
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from namm_transfer.cli import ArgumentParser, check_device, run_program
-from namm_transfer.evals.video_qa import LOADERS, VideoQuestion, dataset_score, load_video_dataset
+from namm_transfer.evals.video_qa import LOADERS, VideoQuestion, load_video_dataset
 from namm_transfer.evals.video_tasks import KINDS, TaskConfig, write_split
 from namm_transfer.methods import (
     MATCHED,
@@ -126,37 +128,6 @@ def _parts(args) -> Path | None:
         ) from None
 
 
-def summarise(method: Method, questions: list[VideoQuestion], records: list[dict]) -> dict:
-    """Accuracy (%, the dataset's rule) with its 95% bootstrap interval over answered questions, failures, mean
-    retained KV (%), mean and peak KV tokens per layer, mean and largest peak KV bytes, mean peak policy bytes (what
-    the method adds to the K/V) and mean and largest peak total bytes (K/V + policy, summed at the same moment),
-    tokens per second. Records written before policy bytes were recorded leave those columns out."""
-    from namm_transfer.evals.stats import bootstrap_mean_interval
-
-    answered = [r for r in records if "failed" not in r]
-    row = {"method": method.label, "answered": len(answered), "failed": len(records) - len(answered)}
-    if not answered:
-        return row
-    by_id = {q.id: q for q in questions}
-    correct = [bool(r["correct"]) for r in answered]
-    low, high = bootstrap_mean_interval([float(c) for c in correct])
-    mean = lambda key: sum(r[key] for r in answered) / len(answered)  # noqa: E731 - local shorthand
-    row.update({
-        "accuracy": 100 * dataset_score([by_id[r["item_id"]] for r in answered], correct),
-        "acc_low": 100 * low, "acc_high": 100 * high,
-        "kv_retained_pct": 100 * mean("kv_retained"), "kv_tokens_mean": mean("kv_tokens_mean"),
-        "kv_tokens_peak": mean("kv_tokens_peak"), "kv_mb_peak": mean("kv_bytes_peak") / 2**20,
-        "kv_mb_peak_max": max(r["kv_bytes_peak"] for r in answered) / 2**20,
-        "tokens_per_s": mean("tokens_per_second"),
-    })
-    if all("total_bytes_peak" in r for r in answered):
-        row.update({
-            "policy_mb_peak": mean("policy_bytes_peak") / 2**20, "total_mb_peak": mean("total_bytes_peak") / 2**20,
-            "total_mb_peak_max": max(r["total_bytes_peak"] for r in answered) / 2**20,
-        })
-    return row
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     rules = _names(args.methods)
@@ -173,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from namm_transfer.evals.report import RunFolder, format_table, plot_score_vs_memory, run_name
     from namm_transfer.video.evaluation import VideoEvaluator, load_video_model, mean_heat_map
     from namm_transfer.video.plots import plot_accuracy_vs_memory, plot_frame_retention
+    from namm_transfer.video.summary import paired_differences, paired_table, summarise
 
     use_namm = "namm" in rules and (args.namm is None or args.namm.lower() != "none")
     namm = load_namm_option(args.namm) if use_namm else None
@@ -223,20 +195,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{finished}/{total}] {method.label} {question.id}: {status}", flush=True)
 
     rows, heat_maps = [], {}
+    records = {method: folder.predictions() for method, folder in folders.items()}
     for method, folder in folders.items():
-        records = folder.predictions()
-        row = summarise(method, questions, records)
+        row = summarise(method, questions, records[method])
         folder.write_metrics(row)
         rows.append(row)
-        answered = [r for r in records if "failed" not in r]
+        answered = [r for r in records[method] if "failed" not in r]
         if answered:
             heat_maps[method.label] = mean_heat_map(answered)
-    (out / "summary.json").write_text(json.dumps({"dataset": dataset, "model": loaded.name, "methods": rows},
-                                                 indent=2) + "\n")
+    paired = paired_differences(records)
+    (out / "summary.json").write_text(json.dumps({"dataset": dataset, "model": loaded.name, "methods": rows,
+                                                  "paired": paired}, indent=2) + "\n")
     columns = ["method", "answered", "failed", "accuracy", "acc_low", "acc_high", "kv_retained_pct",
                "kv_tokens_mean", "kv_tokens_peak", "kv_mb_peak", "kv_mb_peak_max", "policy_mb_peak", "total_mb_peak",
                "total_mb_peak_max", "tokens_per_s"]
     print(format_table(rows, columns))
+    if paired:
+        print(format_table(paired_table(paired)))
     plotted = [r for r in rows if "accuracy" in r]
     if plotted:
         plot_score_vs_memory(plotted, out / "accuracy_vs_kv.png", score_key="accuracy",

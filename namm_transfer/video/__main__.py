@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from namm_transfer.evals.report import RunFolder, format_table, plot_score_vs_memory, run_name
     from namm_transfer.video.evaluation import VideoEvaluator, load_video_model, mean_heat_map
     from namm_transfer.video.plots import plot_accuracy_vs_memory, plot_frame_retention
-    from namm_transfer.video.summary import paired_differences, paired_table, summarise
+    from namm_transfer.video.summary import answered_records, paired_differences, paired_table, summarise
 
     use_namm = "namm" in rules and (args.namm is None or args.namm.lower() != "none")
     namm = load_namm_option(args.namm) if use_namm else None
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = summarise(method, questions, records[method])
         folder.write_metrics(row)
         rows.append(row)
-        answered = [r for r in records[method] if "failed" not in r]
+        answered = answered_records(records[method])
         if answered:
             heat_maps[method.label] = mean_heat_map(answered)
     paired = paired_differences(records)

@@ -20,7 +20,8 @@ from namm_transfer.evals.video_qa import VideoQuestion, dataset_score
 from namm_transfer.methods import Method, paired_comparisons
 
 
-def _answered(records: Sequence[Mapping]) -> list[Mapping]:
+def answered_records(records: Sequence[Mapping]) -> list[Mapping]:
+    """The records of the questions answered (a failed question's record holds ``failed`` instead)."""
     return [r for r in records if "failed" not in r]
 
 
@@ -39,7 +40,7 @@ def summarise(method: Method, questions: Sequence[VideoQuestion], records: Seque
     largest peak KV bytes, mean peak policy bytes (what the method adds to the K/V) and mean and largest peak total
     bytes (K/V + policy, summed at the same moment), tokens per second. Records written before policy bytes were
     recorded leave those columns out."""
-    answered = _answered(records)
+    answered = answered_records(records)
     row = {"method": method.label, "answered": len(answered), "failed": len(records) - len(answered)}
     if not answered:
         return row
@@ -69,7 +70,7 @@ def paired_differences(records: Mapping[Method, Sequence[Mapping]]) -> list[dict
     difference in accuracy points (0-100) over the questions both answered, with its 95% bootstrap interval
     (``{"items", "mean", "ci95"}``, None when they share no answered question)."""
     def points(method: Method) -> dict[str, float]:
-        return {r["item_id"]: 100.0 * bool(r["correct"]) for r in _answered(records[method])}
+        return {r["item_id"]: 100.0 * bool(r["correct"]) for r in answered_records(records[method])}
 
     return [{"comparison": f"{a.label} - {b.label}", "a": a.label, "b": b.label,
              "accuracy": paired_difference(points(a), points(b))} for a, b in paired_comparisons(records)]

@@ -1,6 +1,7 @@
 """``python -m namm_transfer.video.train`` on a tiny budget: the projector stage trains only the projector, the
 tower stage the tower too, the language model never changes; a run stopped by its time limit resumes to the same
-end; the saved parts reload; bad settings are one-line errors."""
+end; the saved parts reload; ``best/`` holds the evaluation with the highest held-out accuracy, across a resume; bad
+settings are one-line errors."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from namm_transfer.evals.video_tasks import TaskConfig, make_task
+from namm_transfer.video import train as train_module
 from namm_transfer.video.lora import LORA_SUFFIXES, LoraConfig
 from namm_transfer.video.model import load_embedded_video_model, trained_state
 from namm_transfer.video.train import (
+    BEST_DIR,
     DESCRIBE_QUESTION,
     LOG_FILE,
     STATE_FILE,
@@ -81,6 +84,27 @@ def test_tiny_run_trains_the_vision_parts_only_and_resumes(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["provenance"]["steps_done"] == 2 and config["provenance"]["command"].startswith("python -m")
     assert (out / STATE_FILE).is_file()
+
+
+def test_best_folder_keeps_the_evaluation_with_the_highest_heldout_accuracy(tmp_path, monkeypatch):
+    scripted = iter([0.5, 0.75, 0.25])  # the held-out accuracies of steps 1, 2 and 3
+    monkeypatch.setattr(train_module, "_evaluate", lambda *args: {"heldout_accuracy": next(scripted)})
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--projector-steps", "3", "--tower-steps", "0", "--batch-size", "1", "--frames", "16",
+            "--warmup", "1", "--eval-every", "1", "--save-every", "1"]
+    assert main(args + ["--max-minutes", "0"]) == 0  # stops after step 1
+    best = out / BEST_DIR
+    assert json.loads((best / "config.json").read_text())["provenance"]["steps_done"] == 1
+    step_one = {k: v.clone() for k, v in trained_state(load_embedded_video_model(best).model).items()}
+    assert main(args + ["--resume"]) == 0  # steps 2 (0.75, the best) and 3 (0.25)
+    provenance = json.loads((best / "config.json").read_text())["provenance"]
+    assert provenance["steps_done"] == 2 and provenance["last"]["heldout_accuracy"] == 0.75
+    assert [json.loads(line)["step"] for line in (best / LOG_FILE).read_text().splitlines()] == [1, 2]
+    best_parts = trained_state(load_embedded_video_model(best).model)
+    final_parts = trained_state(load_embedded_video_model(out).model)
+    projector = [k for k in best_parts if k.startswith("model.multi_modal_projector.")]
+    assert projector and all(not torch.equal(best_parts[k], step_one[k]) for k in projector)  # step 2's, not 1's
+    assert all(not torch.equal(best_parts[k], final_parts[k]) for k in projector)  # nor the last step's
 
 
 def test_resume_needs_a_saved_run(tmp_path):

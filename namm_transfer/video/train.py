@@ -38,13 +38,18 @@ same held-out videos; in the caption stage, the share of their needle frames cap
 haystack frames captioned "nothing". ``--init-from DIR`` starts a new run from another run's trained parts (its
 provenance is kept in the new one's). Every step is logged to ``train_log.jsonl``; the trained parts, the probe and
 the optimiser state are saved every ``--save-every`` steps, so a killed run continues with ``--resume`` (the log is
-cut back to the saved step).
+cut back to the saved step). Whenever an evaluation's held-out video accuracy beats every earlier one of the run,
+the parts and the log up to that step are also written to ``best/`` (the folder to ship: the joint stage's accuracy
+goes up and down by several questions between evaluations). Those questions then chose the checkpoint, so its
+accuracy on them is a validation score; an unbiased one needs other questions (the video program's, at other
+lengths).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -66,6 +71,7 @@ from namm_transfer.video.prompt import render_video_prompt, video_prompt_ids
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
+BEST_DIR = "best"
 
 
 @dataclass(frozen=True)
@@ -383,6 +389,13 @@ def _cut_log(path: Path, steps_done: int) -> float:
     return kept[-1]["seconds"] if kept else 0.0
 
 
+def best_accuracy(folder: Path) -> float | None:
+    """Held-out video accuracy of the parts saved in ``folder`` (a run's ``best/``), None when there are none."""
+    if not (folder / CONFIG_FILE).is_file():
+        return None
+    return json.loads((folder / CONFIG_FILE).read_text())["provenance"]["last"].get("heldout_accuracy")
+
+
 def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = False, max_minutes: float | None = None,
           command: str = "", init_from: dict | None = None) -> dict:
     """Run (or continue) training; write the parts, state and log to ``out``. Returns the last log record.
@@ -403,6 +416,9 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
         optimizer = _optimizer(video, stage, probe)
         optimizer.load_state_dict(state["optimizer"])
         seconds_before = _cut_log(out / LOG_FILE, step)
+    if not resume:
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+    best = best_accuracy(out / BEST_DIR)  # a resumed run's best may lie after its last save: still a real checkpoint
     started, record = time.monotonic(), {}
     provenance = {"command": command, "config": asdict(config)}
     if init_from is not None:
@@ -425,6 +441,10 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
             record.update(_evaluate(video, probe, config, stage))
         with open(out / LOG_FILE, "a") as log:
             log.write(json.dumps(record) + "\n")
+        if record.get("heldout_accuracy") is not None and (best is None or record["heldout_accuracy"] > best):
+            best = record["heldout_accuracy"]
+            save_trained_parts(video, out / BEST_DIR, {**provenance, "steps_done": step, "last": record})
+            shutil.copyfile(out / LOG_FILE, out / BEST_DIR / LOG_FILE)
         out_of_time = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
         if last or out_of_time or (config.save_every and step % config.save_every == 0):
             save_trained_parts(video, out, {**provenance, "steps_done": step, "last": record})
@@ -439,7 +459,8 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
 def build_parser() -> ArgumentParser:
     defaults = TrainConfig()
     parser = ArgumentParser(prog="python -m namm_transfer.video.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for vision.safetensors, config.json, log and state")
+    parser.add_argument("--out", required=True, help="folder for vision.safetensors, config.json, log and state; best/ holds the parts of the "
+                        "evaluation with the highest held-out video accuracy")
     parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps,
                         help="vision stage: the tower alone, a linear probe reading each frame's needle")
     parser.add_argument("--vision-videos", type=int, default=defaults.vision_videos,

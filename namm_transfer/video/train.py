@@ -241,18 +241,28 @@ def example_loss(video: VideoModel, example: Example) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_accuracy(video: VideoModel, items: int, num_frames: int, text: bool = False, describe: bool = False
-                     ) -> tuple[float, dict[str, float]]:
-    """Share of the first ``items`` held-out tasks whose target tokens are all the argmax under teacher forcing
-    (greedy decoding writes the right option, then ``<|im_end|>``), overall and per question kind (task ``index``
-    has kind ``KINDS[index % 4]``; a kind with no task among them is left out); ``text``: on the text descriptions
-    of the videos; ``describe``: the needle lists of the videos (:func:`make_example`)."""
+def heldout_hits(video: VideoModel, indices: Sequence[int], num_frames: int, text: bool = False,
+                 describe: bool = False) -> list[bool]:
+    """For each held-out task ``index`` in ``indices`` (kind ``KINDS[index % 4]``): are its target tokens all the
+    argmax under teacher forcing (greedy decoding writes the right option, then ``<|im_end|>``)? ``text``: on the
+    text description of the video; ``describe``: its needle list (:func:`make_example`). Training evaluates tasks
+    0 to ``eval_items`` - 1, so later ones are fresh for a checkpoint it chose."""
     video.model.eval()
-    right = {kind: [] for kind in KINDS}
-    for index in range(items):
+    hits = []
+    for index in indices:
         example = make_example(video, "heldout", index, num_frames, text=text, describe=describe)
         greedy = target_logits(video, example).argmax(dim=-1).cpu()
-        right[KINDS[index % len(KINDS)]].append(bool(torch.equal(greedy, example.target_ids)))
+        hits.append(bool(torch.equal(greedy, example.target_ids)))
+    return hits
+
+
+def heldout_accuracy(video: VideoModel, items: int, num_frames: int, text: bool = False, describe: bool = False
+                     ) -> tuple[float, dict[str, float]]:
+    """Share of the first ``items`` held-out tasks that :func:`heldout_hits` counts right, overall and per question
+    kind (a kind with no task among them is left out)."""
+    right = {kind: [] for kind in KINDS}
+    for index, hit in enumerate(heldout_hits(video, range(items), num_frames, text=text, describe=describe)):
+        right[KINDS[index % len(KINDS)]].append(hit)
     overall = sum(map(sum, right.values())) / items
     return overall, {kind: sum(hits) / len(hits) for kind, hits in right.items() if hits}
 

@@ -41,8 +41,8 @@ the optimiser state are saved every ``--save-every`` steps, so a killed run cont
 cut back to the saved step). Whenever an evaluation's held-out video accuracy beats every earlier one of the run,
 the parts and the log up to that step are also written to ``best/`` (the folder to ship: the joint stage's accuracy
 goes up and down by several questions between evaluations). Those questions then chose the checkpoint, so its
-accuracy on them is a validation score; an unbiased one needs other questions (the video program's, at other
-lengths).
+accuracy on them is a validation score; an unbiased one needs other questions (:func:`heldout_hits` from task 64
+on, as ``docs/results/video-training/fresh-heldout/compare.py`` does, or the video program's at other lengths).
 """
 
 from __future__ import annotations
@@ -469,8 +469,9 @@ def train(video: VideoModel, config: TrainConfig, out: Path, resume: bool = Fals
 def build_parser() -> ArgumentParser:
     defaults = TrainConfig()
     parser = ArgumentParser(prog="python -m namm_transfer.video.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for vision.safetensors, config.json, log and state; best/ holds the parts of the "
-                        "evaluation with the highest held-out video accuracy")
+    parser.add_argument("--out", required=True,
+                        help="folder for vision.safetensors, config.json, log and state; best/ holds the parts of the "
+                             "evaluation with the highest held-out video accuracy")
     parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps,
                         help="vision stage: the tower alone, a linear probe reading each frame's needle")
     parser.add_argument("--vision-videos", type=int, default=defaults.vision_videos,

@@ -20,6 +20,7 @@ from namm_transfer.video.train import (
     LOG_FILE,
     STATE_FILE,
     TrainConfig,
+    accuracy_by_kind,
     example_frames,
     learning_rate,
     main,
@@ -105,6 +106,14 @@ def test_best_folder_keeps_the_evaluation_with_the_highest_heldout_accuracy(tmp_
     projector = [k for k in best_parts if k.startswith("model.multi_modal_projector.")]
     assert projector and all(not torch.equal(best_parts[k], step_one[k]) for k in projector)  # step 2's, not 1's
     assert all(not torch.equal(best_parts[k], final_parts[k]) for k in projector)  # nor the last step's
+
+
+def test_accuracy_by_kind_follows_the_task_index_not_the_position():
+    overall, by_kind = accuracy_by_kind(range(65, 70), [True, False, True, False, True])  # kinds 1, 2, 3, 0, 1
+    assert overall == pytest.approx(0.6)
+    assert by_kind == {"colour": 0.0, "shape": 1.0, "count": 0.0, "order": 1.0}
+    with pytest.raises(ValueError):
+        accuracy_by_kind(range(4), [True])
 
 
 def test_resume_needs_a_saved_run(tmp_path):

@@ -10,10 +10,10 @@ One results folder per method (``predictions.jsonl``, ``metrics.json``, ``config
 command skips finished items. A missing or corrupt video is recorded as a failed item with its reason. At the end:
 a table on stdout (accuracy with its 95% bootstrap interval, mean and peak KV tokens and bytes, the policy's bytes and
 the total K/V + policy bytes at their peak, tokens per second) and a second table, the NAMM's paired differences
-against the full cache and each baseline at its matched budget (:mod:`namm_transfer.video.summary`), ``summary.json`` (also
-accuracy per category and per number of frames), ``accuracy_vs_kv.png`` (against
-retained KV %), ``accuracy_vs_memory.png`` (against the peak total bytes held) and ``frame_retention.png`` (frames x
-layers heat map per method).
+against the full cache and each baseline at its matched budget (:mod:`namm_transfer.video.summary`),
+``summary.json`` (also accuracy per category and per number of frames), ``accuracy_vs_kv.png`` (against retained
+KV %), ``accuracy_vs_memory.png`` (against the peak total bytes held) and ``frame_retention.png`` (frames x layers
+heat map per method).
 """
 
 from __future__ import annotations

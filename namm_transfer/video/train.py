@@ -256,15 +256,19 @@ def heldout_hits(video: VideoModel, indices: Sequence[int], num_frames: int, tex
     return hits
 
 
+def accuracy_by_kind(indices: Sequence[int], hits: Sequence[bool]) -> tuple[float, dict[str, float]]:
+    """Share of ``hits`` (one per task index in ``indices``) that are right, overall and per question kind (task
+    ``index`` has kind ``KINDS[index % 4]``; a kind with no task among them is left out)."""
+    right = {kind: [] for kind in KINDS}
+    for index, hit in zip(indices, hits, strict=True):
+        right[KINDS[index % len(KINDS)]].append(hit)
+    return sum(hits) / len(hits), {kind: sum(done) / len(done) for kind, done in right.items() if done}
+
+
 def heldout_accuracy(video: VideoModel, items: int, num_frames: int, text: bool = False, describe: bool = False
                      ) -> tuple[float, dict[str, float]]:
-    """Share of the first ``items`` held-out tasks that :func:`heldout_hits` counts right, overall and per question
-    kind (a kind with no task among them is left out)."""
-    right = {kind: [] for kind in KINDS}
-    for index, hit in enumerate(heldout_hits(video, range(items), num_frames, text=text, describe=describe)):
-        right[KINDS[index % len(KINDS)]].append(hit)
-    overall = sum(map(sum, right.values())) / items
-    return overall, {kind: sum(hits) / len(hits) for kind, hits in right.items() if hits}
+    """:func:`accuracy_by_kind` of the first ``items`` held-out tasks as :func:`heldout_hits` scores them."""
+    return accuracy_by_kind(range(items), heldout_hits(video, range(items), num_frames, text=text, describe=describe))
 
 
 def example_frames(config: TrainConfig, index: int) -> int:

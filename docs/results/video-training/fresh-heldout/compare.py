@@ -9,9 +9,8 @@ import json
 import sys
 
 from namm_transfer.evals.stats import mean_interval, paired_difference
-from namm_transfer.evals.video_tasks import KINDS
 from namm_transfer.video.model import load_embedded_video_model
-from namm_transfer.video.train import heldout_hits
+from namm_transfer.video.train import accuracy_by_kind, heldout_hits
 
 FIRST_FRESH, FRAMES = 64, 16
 
@@ -22,8 +21,7 @@ def main(questions: int, folders: list[str]) -> dict:
     report = {"tasks": [indices.start, indices.stop - 1], "frames": FRAMES, "folders": {}}
     for folder, right in hits.items():
         scores = [100.0 * hit for hit in right]
-        by_kind = {kind: 100.0 * sum(right[i::len(KINDS)]) / len(right[i::len(KINDS)])
-                   for i, kind in enumerate(KINDS) if right[i::len(KINDS)]}  # index % 4 is the kind
+        by_kind = {kind: 100.0 * share for kind, share in accuracy_by_kind(indices, right)[1].items()}
         entry = {"accuracy": mean_interval(scores), "by_kind": by_kind}
         if folder != folders[0]:
             first = {i: 100.0 * hit for i, hit in zip(indices, hits[folders[0]])}

@@ -9,8 +9,9 @@ the later prompt queries and the answer's queries equally (what the warm start i
 queries alone. Dense score = the reference answer's mean log-probability per token (first 24 tokens) minus the full
 cache's, per item; means with bootstrap 95% intervals, and each oracle paired with recency on the same items.
 Run from the repository root (about 35 min on one thread):
-``OMP_NUM_THREADS=1 python docs/results/text-namm-training/oracle_ceiling.py > oracle_ceiling.json`` (the first
-argument, when given, limits the run to the first N items).
+``OMP_NUM_THREADS=1 python docs/results/text-namm-training/oracle_ceiling.py >
+docs/results/text-namm-training/oracle_ceiling.json`` (the first argument, when given, limits the run to the first
+N items).
 """
 
 import json

@@ -123,6 +123,8 @@ def test_one_evolution_generation_runs_and_resumes_exactly(tmp_path):
     a, b = load_namm(tmp_path / "a" / "mean"), load_namm(tmp_path / "b" / "mean")
     assert torch.equal(a.params, b.params) and torch.equal(a.norm_mean, b.norm_mean)
     assert "signal: rank correlation" not in straight.stdout  # one prompt per generation: no halves to compare
+    assert f"learning curve: {tmp_path / 'a' / 'learning_curve.png'}" in straight.stdout
+    assert (tmp_path / "a" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     validations = [json.loads(line) for line in (tmp_path / "a" / "validation.jsonl").read_text().splitlines()]
     assert [v["generations"] for v in validations] == [0, 1, 2]
     assert all(v["fitness"] == v["dense"] and 0 < v["kv_retained"] <= 1 for v in validations)  # no memory weight

@@ -2,7 +2,8 @@
 
 Incremental stages (docs/algorithm.md §5.3), each a task list and a number of generations, run on one CMA-ES whose
 whole state carries over. The run folder is checkpointed after every generation (ES state, the mean as a NAMM
-file, a JSONL log); rerunning the same command resumes exactly. With ``--validation-items`` the mean is scored on
+file, a JSONL log), and each call ends by drawing its learning curve there
+(:mod:`namm_transfer.evolve.learning_curve`); rerunning the same command resumes exactly. With ``--validation-items`` the mean is scored on
 validation items (the dense score, :mod:`namm_transfer.evolve.validation`) before generation 0 and every
 ``--validate-every`` generations, and the best validated mean is kept. ``--export DIR`` writes the best validated
 mean (else the final mean) with its provenance (command, base model, tasks, fitness and validation history, wall
@@ -27,6 +28,7 @@ from namm_transfer.cli import ArgumentParser, FloatRange, InputError, IntRange, 
 from namm_transfer.evals.report import RunIdentityError, identity_difference
 from namm_transfer.evals.text_tasks import TASKS
 from namm_transfer.evolve.distributed import World
+from namm_transfer.evolve.learning_curve import draw as draw_learning_curve
 from namm_transfer.evolve.loop import Stage, evolve
 from namm_transfer.evolve.state import (
     BEST_DIR,
@@ -296,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if best is not None:
                 print(f"best validation: {best['fitness']:+.4f} after {best['generations']} generations "
                       f"(dense {best['dense']:+.4f}, KV kept {100 * best['kv_retained']:.1f}%)")
+            print(f"learning curve: {draw_learning_curve(run_dir)}")
             print(f"run folder: {run_dir}  (mean: {run_dir / MEAN_LINK})")
             if args.export:
                 print(f"exported: {export(run_dir, Path(args.export), provenance, namm_config)}")

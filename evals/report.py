@@ -189,11 +189,13 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, 
     return "\n".join([fmt(columns), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells])
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def save_figure(figure: Figure, path: str | Path, dpi: int = 120, tight: bool = True) -> Path:
+    """Write ``figure`` as a PNG at ``path`` (its folder created) through the Agg canvas; ``tight`` crops the
+    margins (leave it off for a figure with its own ``constrained_layout``). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    figure.savefig(path, dpi=dpi, bbox_inches="tight" if tight else None)
     return path
 
 
@@ -242,7 +244,7 @@ def plot_score_vs_memory(
     axes.legend(fontsize=8)
     if title:
         axes.set_title(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_retention_per_layer(
@@ -261,4 +263,4 @@ def plot_retention_per_layer(
     axes.legend(fontsize=8)
     if title:
         axes.set_title(title)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from namm_transfer.cli import ArgumentParser, InputError, check_output_dir, check_readable_dir, run_program
+from namm_transfer.evals.report import save_figure
 from namm_transfer.evolve.state import LOG_NAME, read_log, read_validation
 
 PLOT_NAME = "learning_curve.png"
@@ -113,11 +113,7 @@ def plot_learning_curve(curve: LearningCurve, path: str | Path, title: str | Non
         axes.legend(fontsize=7)
     if title:
         fitness_axes.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 def draw(run_dir: str | Path, path: str | Path | None = None) -> Path:

@@ -10,17 +10,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from namm_transfer.adapters.decision_transformer import TOKEN_TYPES
+from namm_transfer.evals.report import save_figure
 from namm_transfer.rl.rollout import AGE_BUCKET
-
-
-def _save(figure: Figure, path: Path) -> Path:
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    return path
 
 
 def plot_score_vs_memory(metrics: Mapping[str, Mapping], path: Path, title: str) -> Path:
@@ -39,7 +33,7 @@ def plot_score_vs_memory(metrics: Mapping[str, Mapping], path: Path, title: str)
     axes.set_ylabel("D4RL-normalised score (95% CI)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_cache_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: Path, title: str) -> Path:
@@ -60,7 +54,7 @@ def plot_cache_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: Pat
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def kept_share_by_age(records: Sequence[Mapping], heads_x_layers: int) -> dict[str, np.ndarray]:
@@ -92,4 +86,4 @@ def plot_kept_by_age(shares: Mapping[str, np.ndarray], path: Path, title: str) -
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)

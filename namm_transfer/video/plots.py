@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from namm_transfer.evals.report import save_figure
 
 
 def plot_frame_retention(maps: Mapping[str, np.ndarray], path: str | Path, title: str | None = None) -> Path:
@@ -38,7 +39,7 @@ def plot_frame_retention(maps: Mapping[str, np.ndarray], path: str | Path, title
     figure.colorbar(image, ax=figure.axes, shrink=0.8, label="share of the frames' KV kept")
     if title:
         figure.suptitle(title, fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path, dpi=110, tight=False)
 
 
 def plot_accuracy_vs_memory(rows: Sequence[Mapping], path: str | Path, title: str | None = None) -> Path:
@@ -63,12 +64,5 @@ def plot_accuracy_vs_memory(rows: Sequence[Mapping], path: str | Path, title: st
     axes.grid(alpha=0.3)
     if title:
         axes.set_title(title)
-    return _save(figure, path)
+    return save_figure(figure, path, dpi=110, tight=False)
 
-
-def _save(figure: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=110)
-    return path

@@ -4,8 +4,9 @@ Incremental stages (docs/algorithm.md §5.3), each a task list and a number of g
 whole state carries over. The run folder is checkpointed after every generation (ES state, the mean as a NAMM
 file, a JSONL log), and each call ends by drawing its learning curve there
 (:mod:`namm_transfer.evolve.learning_curve`); rerunning the same command resumes exactly. With
-``--validation-items`` the mean is scored on validation items (the dense score, :mod:`namm_transfer.evolve.validation`) before generation 0 and every
-``--validate-every`` generations, and the best validated mean is kept. ``--export DIR`` writes the best validated
+``--validation-items`` the mean is scored on validation items (the dense score,
+:mod:`namm_transfer.evolve.validation`) before generation 0 and every ``--validate-every`` generations, and the best
+validated mean is kept. ``--export DIR`` writes the best validated
 mean (else the final mean) with its provenance (command, base model, tasks, fitness and validation history, wall
 time). ``--init-from`` starts the mean, and the normalisation statistics, from a NAMM file (e.g. a warm start,
 ``python -m namm_transfer.evolve.warm_start``). Several processes

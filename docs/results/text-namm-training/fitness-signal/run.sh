@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The signal of the shipped NAMM's fitness (0/1 answer score) against the dense score, on the same members and
-# prompts: one generation from the shipped mean per seed and score.
+# prompts: one generation from the shipped mean per seed and score. Run folders go to runs/signal/ (git-ignored);
+# their log.jsonl, run_config.json and learning_curve.png were copied here, beside summarise.py.
 set -u
-cd /work/main && source .venv/bin/activate
+cd "$(dirname "$0")/../../../.." && source .venv/bin/activate
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 for seed in 1 2 3; do
   for score in answer likelihood; do

@@ -7,8 +7,9 @@ cache (teacher forcing). One results folder per method (``predictions.jsonl``, `
 ``config.json``); a rerun of the same command skips finished items. At the end: a table of each method (score
 and answer log-probability with bootstrap 95% intervals over items, memory) and a table of paired differences
 (each NAMM minus the full cache and minus each baseline at its matched budget) on stdout, ``summary.json``, a
-score-vs-total-memory plot (the NAMM's keep-bias curve against the baselines, ``score_vs_memory.png``), a
-score-vs-retained-KV plot and a per-layer retention plot in the output folder.
+score-vs-total-memory plot (the NAMM's keep-bias curve against the baselines, ``score_vs_memory.png``), with
+``--dense`` the same curve for the answer log-probability (``logprob_vs_memory.png``), a score-vs-retained-KV plot
+and a per-layer retention plot in the output folder.
 """
 
 from __future__ import annotations
@@ -197,11 +198,17 @@ def report(rows: list[dict], paired: list[dict], out: Path, title: str) -> None:
         print(format_table(paired_table(paired)))
     curves = [{**row, "total_mib_peak": row["total_bytes_peak"] / MIB} for row in rows
               if row["total_bytes_peak"] is not None]
+    memory_label = "mean peak memory per item (MiB: K/V + policy state)"
     if curves:
         plot_score_vs_memory(curves, out / "score_vs_memory.png", memory_key="total_mib_peak", method_key="curve",
                              label_key="method", interval_key="score_ci95", title=title,
-                             memory_label="mean peak memory per item (MiB: K/V + policy state)",
-                             score_label="score (0-100, 95% CI)")
+                             memory_label=memory_label, score_label="score (0-100, 95% CI)")
+    dense_curves = [row for row in curves if row[DENSE] is not None]
+    if dense_curves:
+        plot_score_vs_memory(dense_curves, out / "logprob_vs_memory.png", score_key=DENSE,
+                             memory_key="total_mib_peak", method_key="curve", label_key="method",
+                             interval_key=f"{DENSE}_ci95", title=title, memory_label=memory_label,
+                             score_label="reference answer log-prob per token (95% CI)")
     plot_score_vs_memory(rows, out / "score_vs_kv.png", method_key="curve", label_key="method", title=title,
                          score_label="score (0-100)")
     plot_retention_per_layer({r["method"]: r["kept_per_layer_pct"] for r in rows}, out / "retention_per_layer.png")

@@ -91,7 +91,7 @@ def test_keep_bias_curve_intervals_paired_differences_dense_and_resume(tiny, tmp
         assert record["retention"] and record["answer_retention"] and record["answer_tokens"] >= 1
     assert "paired differences" in first.stdout and "namm@+1 - h2o@matched+1" in first.stdout
     assert "total MiB peak" in first.stdout and "answer log-prob [95% CI]" in first.stdout
-    for plot in ("score_vs_memory.png", "score_vs_kv.png", "retention_per_layer.png"):
+    for plot in ("score_vs_memory.png", "logprob_vs_memory.png", "score_vs_kv.png", "retention_per_layer.png"):
         assert (tmp_path / plot).stat().st_size > 0
 
     second = program(*args)  # everything is done: nothing is recomputed
@@ -111,6 +111,7 @@ def test_no_dense_and_records_written_before_the_new_fields(tiny, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(row["answer_logprob"] is None and row["answer_items"] == 0 for row in summary["methods"])
     assert all(row["answer_logprob"] is None for row in summary["paired"])
+    assert not (tmp_path / "logprob_vs_memory.png").exists()  # no dense score, no dense curve
     (full,) = [f for f in tmp_path.iterdir() if f.name.endswith("__full__full")]
     old = [json.loads(line) for line in (full / "predictions.jsonl").read_text().splitlines()]
     for record in old:  # as written before policy bytes were recorded

@@ -198,17 +198,14 @@ def report(rows: list[dict], paired: list[dict], out: Path, title: str) -> None:
         print(format_table(paired_table(paired)))
     curves = [{**row, "total_mib_peak": row["total_bytes_peak"] / MIB} for row in rows
               if row["total_bytes_peak"] is not None]
-    memory_label = "mean peak memory per item (MiB: K/V + policy state)"
-    if curves:
-        plot_score_vs_memory(curves, out / "score_vs_memory.png", memory_key="total_mib_peak", method_key="curve",
-                             label_key="method", interval_key="score_ci95", title=title,
-                             memory_label=memory_label, score_label="score (0-100, 95% CI)")
-    dense_curves = [row for row in curves if row[DENSE] is not None]
-    if dense_curves:
-        plot_score_vs_memory(dense_curves, out / "logprob_vs_memory.png", score_key=DENSE,
-                             memory_key="total_mib_peak", method_key="curve", label_key="method",
-                             interval_key=f"{DENSE}_ci95", title=title, memory_label=memory_label,
-                             score_label="reference answer log-prob per token (95% CI)")
+    for key, name, label in (("score", "score_vs_memory.png", "score (0-100, 95% CI)"),
+                             (DENSE, "logprob_vs_memory.png", "reference answer log-prob per token (95% CI)")):
+        points = [row for row in curves if row[key] is not None]  # the dense score is None without --dense
+        if points:
+            plot_score_vs_memory(points, out / name, score_key=key, memory_key="total_mib_peak", method_key="curve",
+                                 label_key="method", interval_key=f"{key}_ci95", title=title,
+                                 memory_label="mean peak memory per item (MiB: K/V + policy state)",
+                                 score_label=label)
     plot_score_vs_memory(rows, out / "score_vs_kv.png", method_key="curve", label_key="method", title=title,
                          score_label="score (0-100)")
     plot_retention_per_layer({r["method"]: r["kept_per_layer_pct"] for r in rows}, out / "retention_per_layer.png")

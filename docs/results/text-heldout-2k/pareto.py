@@ -1,6 +1,7 @@
 """The text keep-bias Pareto from several summaries of `python -m namm_transfer.text` on the same 100 held-out
 prompts: one summary per keep bias (each with the NAMM at that bias and its matched baselines), merged into one
-table, one paired-difference table and the score-vs-total-memory plot, drawn by the program's own report.
+table, one paired-difference table and the Pareto plots (score and answer log-probability against total memory),
+drawn by the program's own report.
 
 Why merge: the bias-0 baselines were measured by the first 2k run (`summary.json`, whose per-item results were lost
 with a machine change; its full cache, NAMM and H2O were rerun and reproduce it), the others by the keep-bias run,
@@ -8,7 +9,8 @@ one summary per bias. A method that appears in several summaries must agree on i
 points (runs with 1 and 2 threads differ in the last float digits), else this script stops; its first row is used.
 
 Run: python docs/results/text-heldout-2k/pareto.py OUT_DIR SUMMARY.json [SUMMARY.json ...]
-(writes OUT_DIR/summary_pareto.json, score_vs_memory.png, score_vs_kv.png, retention_per_layer.png)
+(writes OUT_DIR/summary_pareto.json, score_vs_memory.png, logprob_vs_memory.png, score_vs_kv.png,
+retention_per_layer.png)
 """
 
 import json

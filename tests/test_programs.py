@@ -48,6 +48,8 @@ def test_help(name):
         (("namm_transfer.evolve.warm_start", "--tasks", "passkey,nonsense"), "nonsense"),
         (("namm_transfer.evolve.warm_start", "--items-per-task", "2", "--held-back", "2"), "--held-back"),
         (("namm_transfer.evolve.warm_start", "--coverage", "1.5"), "--coverage"),
+        (("namm_transfer.evolve.warm_start", "--recency-window", "0"), "--recency-window"),
+        (("namm_transfer.evolve.warm_start", "--target", "newest"), "--target"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args, message):

@@ -1,8 +1,11 @@
-"""The warm start by gradient (issue 8): the oracle of future attention, the recorded features, and the fit.
+"""The warm start by gradient (issue 8): the oracle of future attention, the keep targets, the recorded features,
+and the fit.
 
-Shown: the oracle keeps the smallest top-mass set; the future mass is read from the model's own attention and the
-model's attention implementation is restored; the recorder sees every step of every layer with the features the
-NAMM would score; the fit lowers its loss and its kept sets follow the oracle better than the initial scorer's.
+Shown: the oracle keeps the smallest top-mass set; the recency target keeps exactly the tokens younger than its
+window and the union both sets; the future mass is read from the model's own attention and the model's attention
+implementation is restored; the recorder sees every step of every layer with the features the NAMM would score;
+the fit lowers its loss and its kept sets follow the target better than the initial scorer's, on a synthetic rule
+and on a recency window learnt from a real model's recorded features.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 
 from namm_transfer.adapters.causal_lm import CausalLMAdapter
 from namm_transfer.evolve.feature_recorder import FeatureRecorder, recorded_features
+from namm_transfer.evolve.keep_target import KeepTarget
 from namm_transfer.evolve.oracle import OracleConfig, future_attention, oracle_keep
 from namm_transfer.evolve.scorer_fit import Example, FitConfig, evaluate, fit_scorer, initial_params, make_examples
 from namm_transfer.namm.config import NammConfig
@@ -24,8 +28,24 @@ def test_oracle_keeps_the_smallest_set_holding_the_coverage():
     keep = oracle_keep(mass, 0.9)
     assert keep.tolist() == [[False, True, True, True], [True, False, False, False]]
     assert oracle_keep(mass, 1.0)[0].all() and oracle_keep(mass, 0.4)[0].tolist() == [False, True, False, False]
-    with pytest.raises(ValueError, match="coverage"):
-        OracleConfig(coverage=0.0)
+    with pytest.raises(ValueError, match="answer_weight"):
+        OracleConfig(answer_weight=-1.0)
+
+
+def test_keep_targets_recency_window_oracle_and_union():
+    mass = torch.tensor([[0.6, 0.0, 0.1, 0.0, 0.3], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    positions = torch.tensor([[0, 3, 7, 8, 9], [2, 4, 5, 6, 10]])  # ages [9, 6, 2, 1, 0] and [8, 6, 5, 4, 0]
+    recency = KeepTarget(kind="recency", recency_window=5).labels(mass, positions)
+    assert recency.tolist() == [[False, False, True, True, True], [False, False, False, True, True]]
+    oracle = KeepTarget(kind="oracle", coverage=0.8).labels(mass, positions)
+    assert torch.equal(oracle, oracle_keep(mass, 0.8))
+    assert oracle.tolist() == [[True, False, False, False, True], [False, False, False, False, True]]
+    union = KeepTarget(kind="union", coverage=0.8, recency_window=5).labels(mass, positions)
+    assert torch.equal(union, oracle | recency)
+    for bad, field in (({"kind": "newest"}, "kind"), ({"coverage": 1.5}, "coverage"),
+                       ({"recency_window": 0}, "recency_window")):
+        with pytest.raises(ValueError, match=field):
+            KeepTarget(**bad)
 
 
 def test_future_attention_sums_the_later_queries_and_restores_the_model(tiny_llama):
@@ -96,7 +116,31 @@ def test_make_examples_leaves_protected_and_newest_slots_out_of_the_loss(tiny_ll
     sequence = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(2))
     runner.score_continuation(sequence[:, :30], sequence[:, 30:])
     masses = future_attention(tiny_llama, sequence, 30, [16, 32], [0, 1, 2], answer_weight=1.0)
-    examples = make_examples(recorder.records, masses, recorder.accumulator.freeze(), config, 30, 0.9)
+    examples = make_examples(recorder.records, masses, recorder.accumulator.freeze(), config, 30, KeepTarget())
     assert len(examples) == 6  # steps at 16 and 32 have later queries; none at 48 (the sequence ends at 40)
     late = examples[-1]  # step at 32: slots 0-1 are sinks, 26-29 the prompt tail, 31 the newest
     assert late.trained[0].nonzero().flatten().tolist() == [*range(2, 26), 30]
+
+
+def test_fit_learns_a_recency_window_from_recorded_features(tiny_llama):
+    """The NAMM's age embedding (namm-spec §2.5) lets the scorer learn "keep the newest tokens"."""
+    config = NammConfig(update_every=16, protect_sink=0, protect_prompt_tail=0)
+    target = KeepTarget(kind="recency", recency_window=12)
+    examples = []
+    for seed in range(3):
+        recorder = FeatureRecorder(config)
+        runner = EvictingRunner(CausalLMAdapter(), tiny_llama, recorder,
+                                RunnerConfig(chunk_size=8, cache=CacheConfig(update_every=16)))
+        sequence = torch.randint(0, 128, (1, 72), generator=torch.Generator().manual_seed(seed))
+        runner.score_continuation(sequence[:, :64], sequence[:, 64:])
+        masses = future_attention(tiny_llama, sequence, 64, [16, 32, 48, 64], [0, 1, 2], answer_weight=1.0)
+        examples += make_examples(recorder.records, masses, recorder.accumulator.freeze(), config, 64, target)
+    for example in examples:  # the label is the age rule, whatever the attention
+        age = example.features.shape[1] - 1 - torch.arange(example.features.shape[1])
+        assert torch.equal(example.target, (age < 12).expand_as(example.target))
+    fit = FitConfig(epochs=60, learning_rate=1e-2, batch_examples=4)
+    before = evaluate(initial_params(config, fit), examples, config, fit)
+    params, _ = fit_scorer(examples, config, fit)
+    after = evaluate(params, examples, config, fit)
+    assert after["loss"] < before["loss"]
+    assert after["precision"] > 0.9 and after["recall"] > 0.9 and after["precision"] > before["precision"] + 0.3

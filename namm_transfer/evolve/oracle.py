@@ -10,8 +10,9 @@ keeping when the queries still to come read it. With the full cache the model's 
 where A is the post-softmax attention averaged over the query heads of each KV head (GQA, as the NAMM reads it;
 namm-spec §1.2), L the prompt length and T the answer length (query L-1 predicts the first answer token). Each
 group is a mean over its queries, so the answer's few queries weigh as much as the rest of the prompt. The oracle
-keeps the smallest set of tokens that holds ``coverage`` of the future mass (a top-p set, so layers whose
-attention is diffuse keep more than layers that read a few tokens).
+keeps the smallest set of tokens that holds a share (``coverage``) of the future mass (a top-p set, so layers
+whose attention is diffuse keep more than layers that read a few tokens); the share is part of the warm start's
+:class:`~namm_transfer.evolve.keep_target.KeepTarget`.
 """
 
 from __future__ import annotations
@@ -24,24 +25,17 @@ from torch import nn
 
 @dataclass(frozen=True)
 class OracleConfig:
-    """How the oracle turns future attention into keep sets.
+    """How the oracle weighs the queries still to come.
 
     Attributes:
-        coverage: share in (0, 1] of the future attention mass the kept set must hold.
         answer_weight: weight of the answer's queries relative to the later prompt queries (>= 0).
     """
 
-    coverage: float = 0.9
     answer_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        problems = []
-        if not 0.0 < self.coverage <= 1.0:
-            problems.append(f"coverage must be in (0, 1], got {self.coverage}")
         if not self.answer_weight >= 0.0:
-            problems.append(f"answer_weight must be >= 0, got {self.answer_weight}")
-        if problems:
-            raise ValueError("invalid OracleConfig: " + "; ".join(problems))
+            raise ValueError(f"invalid OracleConfig: answer_weight must be >= 0, got {self.answer_weight}")
 
 
 @torch.no_grad()

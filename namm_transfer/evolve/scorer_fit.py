@@ -1,8 +1,9 @@
-"""Fitting the NAMM's scorer by gradient to the oracle of future attention (issue 8, the warm start).
+"""Fitting the NAMM's scorer by gradient to a keep target (issue 8, the warm start).
 
 The same 4,172 BAM parameters and the same features as the evolved NAMM (namm-spec §2-§3); only the objective
 differs: a weighted binary cross-entropy between the BAM score (the keep rule is score >= 0, so the score is a
-logit) and the oracle's keep set (:mod:`namm_transfer.evolve.oracle`). Slots the NAMM never decides (padding,
+logit) and a keep target (:mod:`namm_transfer.evolve.keep_target`: the oracle of future attention, a recency
+window, or both). Slots the NAMM never decides (padding,
 protected sinks and prompt tail, the newest slot) are left out of the loss. CMA-ES then refines the result on the
 task fitness.
 """
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from namm_transfer.evolve.feature_recorder import StepRecord, recorded_features
-from namm_transfer.evolve.oracle import oracle_keep
+from namm_transfer.evolve.keep_target import KeepTarget
 from namm_transfer.namm.config import NammConfig
 from namm_transfer.namm.features import NormalisationStats
 from namm_transfer.namm.scorer import bam_scores
@@ -32,7 +33,7 @@ class Example:
     Attributes:
         features: (H, N, D) fp32 token features.
         valid: (H, N) bool, attendable slots.
-        target: (H, N) bool, the oracle's keep set.
+        target: (H, N) bool, the keep target's set.
         trained: (H, N) bool, slots the loss covers (valid, not protected, not the newest).
     """
 
@@ -49,7 +50,7 @@ class FitConfig:
     Attributes:
         epochs: passes over the examples.
         learning_rate: Adam's step size.
-        positive_weight: loss weight of a slot the oracle keeps (> 1: losing a needed token costs more than
+        positive_weight: loss weight of a slot the target keeps (> 1: losing a needed token costs more than
             keeping a spare one).
         batch_examples: examples of one shape per optimiser step.
         init_sigma: standard deviation of the random initial parameters (the read-out bias starts at 0).
@@ -85,7 +86,7 @@ def make_examples(
     stats: NormalisationStats,
     config: NammConfig,
     prompt_length: int,
-    coverage: float,
+    target: KeepTarget,
 ) -> list[Example]:
     """Examples of one sequence: every record whose step has a future mass (``masses[(layer, tokens_seen)]``,
     :func:`~namm_transfer.evolve.oracle.future_attention`); records without one (a step after the last query)
@@ -104,7 +105,8 @@ def make_examples(
         trained[:, -1] = False
         if protected is not None:
             trained &= ~protected[0]
-        examples.append(Example(recorded_features(record, stats, config), valid, oracle_keep(mass, coverage), trained))
+        examples.append(Example(recorded_features(record, stats, config), valid, target.labels(mass, record.arrival),
+                                trained))
     return examples
 
 
@@ -147,8 +149,8 @@ def _loss(scores: torch.Tensor, batch: list[Example], positive_weight: float) ->
 
 
 def evaluate(params: torch.Tensor, examples: list[Example], config: NammConfig, fit: FitConfig) -> dict[str, float]:
-    """How well ``params`` reproduce the oracle on ``examples``: the mean loss per trained slot, and the keep rule
-    (score >= 0) against the oracle over trained slots: precision, recall, and the kept shares of both."""
+    """How well ``params`` reproduce the target on ``examples``: the mean loss per trained slot, and the keep rule
+    (score >= 0) against the target over trained slots: precision, recall, and the kept shares of both."""
     loss_sum, count, agree = 0.0, 0, torch.zeros(4)  # kept&needed, kept, needed, trained
     with torch.no_grad():
         for batch in _batches(examples, fit.batch_examples, None):
@@ -165,7 +167,7 @@ def evaluate(params: torch.Tensor, examples: list[Example], config: NammConfig, 
         "precision": both / kept if kept else float("nan"),
         "recall": both / needed if needed else float("nan"),
         "kept_share": kept / max(trained, 1),
-        "oracle_share": needed / max(trained, 1),
+        "target_share": needed / max(trained, 1),
     }
 
 
@@ -176,7 +178,7 @@ def fit_scorer(
     init: torch.Tensor | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
-    """Adam on the flat BAM parameters against the oracle.
+    """Adam on the flat BAM parameters against the keep target.
 
     Args:
         examples: training data (:func:`make_examples`).

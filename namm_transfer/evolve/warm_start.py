@@ -1,10 +1,11 @@
-"""``python -m namm_transfer.evolve.warm_start``: fit a NAMM by gradient to an oracle of future attention.
+"""``python -m namm_transfer.evolve.warm_start``: fit a NAMM by gradient to a keep target (oracle, recency, both).
 
 For each train item, one full-cache pass of the prompt followed by its reference answer records the NAMM's
 features at every step (:mod:`~namm_transfer.evolve.feature_recorder`, which also gives the normalisation
 statistics), and one eager pass gives the attention every later query, the answer's included, pays to each token
-(:mod:`~namm_transfer.evolve.oracle`). The BAM is then fitted to keep the tokens holding ``--coverage`` of that
-future attention (:mod:`~namm_transfer.evolve.scorer_fit`), checked on held-back items, scored on validation items
+(:mod:`~namm_transfer.evolve.oracle`). The BAM is then fitted (:mod:`~namm_transfer.evolve.scorer_fit`) to keep
+a ``--target`` set (:mod:`~namm_transfer.evolve.keep_target`): the tokens holding ``--coverage`` of that future
+attention, the tokens younger than ``--recency-window``, or both; checked on held-back items, scored on validation items
 with the dense score (:mod:`~namm_transfer.evolve.validation`) and written as a NAMM file, ready for
 ``python -m namm_transfer.evolve --init-from``. Collected items are kept in the run folder, so a rerun skips them.
 """
@@ -37,6 +38,7 @@ from namm_transfer.cli import (
 )
 from namm_transfer.evals.text_tasks import TASKS, make_item, token_counter
 from namm_transfer.evolve.feature_recorder import FeatureRecorder, StepRecord
+from namm_transfer.evolve.keep_target import TARGET_KINDS, KeepTarget
 from namm_transfer.evolve.oracle import OracleConfig, future_attention
 from namm_transfer.evolve.scorer_fit import FitConfig, evaluate, fit_scorer, initial_params, make_examples
 from namm_transfer.evolve.validation import Validator, validation_items
@@ -54,6 +56,7 @@ ITEMS = IntRange(1, 10_000)
 EPOCHS = IntRange(1, 100_000)
 PROTECTED = IntRange(0, 65_536)
 ANSWER = IntRange(1, 512)
+WINDOW = IntRange(1, 131_072)
 RUN_BYTES = 2 * 2**30
 """Room the run folder needs: the collected features (about 20 MB per 1k-token item in fp16)."""
 
@@ -77,14 +80,18 @@ def parser() -> ArgumentParser:
     p.add_argument("--attention-dtype", default="float32", choices=NUMERICS,
                    help="numerics of the attention the features read (float32 is fast on CPU)")
     p.add_argument("--answer-tokens", type=ANSWER, default=ANSWER_TOKENS, help=f"reference answer tokens ({ANSWER})")
+    p.add_argument("--target", choices=TARGET_KINDS, default="oracle",
+                   help="what the scorer learns to keep: the oracle's set, a recency window, or their union")
     p.add_argument("--coverage", type=FloatRange(0.0, 1.0, open_low=True), default=0.9,
                    help="share of the future attention the oracle's keep set holds, in (0, 1]")
+    p.add_argument("--recency-window", type=WINDOW, default=512,
+                   help=f"tokens younger than this are in the recency target ({WINDOW})")
     p.add_argument("--answer-weight", type=FloatRange(0.0, 1e6), default=1.0,
                    help="weight of the answer's queries against the later prompt queries")
     p.add_argument("--epochs", type=EPOCHS, default=20, help=f"passes over the examples ({EPOCHS})")
     p.add_argument("--learning-rate", type=FloatRange(0.0, 10.0, open_low=True), default=3e-3)
     p.add_argument("--positive-weight", type=FloatRange(0.0, 1e6, open_low=True), default=2.0,
-                   help="loss weight of a token the oracle keeps")
+                   help="loss weight of a token the target keeps")
     p.add_argument("--seed", type=IntRange(0, 2**31 - 1), default=0, help="seed of the initial parameters")
     p.add_argument("--export", default=None, help="also write the fitted NAMM here (e.g. weights/namm)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -92,8 +99,8 @@ def parser() -> ArgumentParser:
 
 
 def _collect(generator: TextGenerator, item, config: NammConfig, oracle: OracleConfig, answer_tokens: int,
-             target: Path) -> None:
-    """Record one item's steps and their future attention into ``target`` (features in fp16)."""
+             destination: Path) -> None:
+    """Record one item's steps and their future attention into ``destination`` (features in fp16)."""
     prompt = generator.encode(item.prompt).to(generator.device)
     answer = answer_ids(generator, item, answer_tokens).to(generator.device)
     recorder = FeatureRecorder(config)
@@ -108,17 +115,17 @@ def _collect(generator: TextGenerator, item, config: NammConfig, oracle: OracleC
     payload = {"records": records, "masses": {f"{k[0]}:{k[1]}": v.half() for k, v in masses.items()},
                "prompt_length": prompt.shape[1], "full_log_prob": float(full.log_probs.mean()),
                "statistics": recorder.accumulator.to_tensor()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.with_suffix(".tmp")
     torch.save(payload, tmp)
-    tmp.replace(target)
+    tmp.replace(destination)
 
 
-def _examples(payload: dict, stats, config: NammConfig, coverage: float):
+def _examples(payload: dict, stats, config: NammConfig, target: KeepTarget):
     records = [StepRecord(r["layer"], r["tokens_seen"], r["ema"].float(), r["arrival"].long(), r["attendable"])
                for r in payload["records"]]
     masses = {tuple(int(x) for x in k.split(":")): v.float() for k, v in payload["masses"].items()}
-    return make_examples(records, masses, stats, config, payload["prompt_length"], coverage)
+    return make_examples(records, masses, stats, config, payload["prompt_length"], target)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--held-back ({args.held_back}) must be smaller than --items-per-task ({args.items_per_task})")
     config = NammConfig(update_every=args.update_every, protect_sink=args.protect_sink,
                         protect_prompt_tail=args.protect_prompt_tail, attention_dtype=args.attention_dtype)
-    oracle = OracleConfig(coverage=args.coverage, answer_weight=args.answer_weight)
+    oracle = OracleConfig(answer_weight=args.answer_weight)
+    target = KeepTarget(kind=args.target, coverage=args.coverage, recency_window=args.recency_window)
     fit = FitConfig(epochs=args.epochs, learning_rate=args.learning_rate, positive_weight=args.positive_weight,
                     seed=args.seed)
     run_dir = Path(args.run_dir)
@@ -147,9 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for task in args.tasks for i in range(args.items_per_task)]
         collected = run_dir / "collected" / f"t{args.length}-p{args.update_every}-a{args.answer_tokens}-{args.attention_dtype}"
         for item in tqdm(items, desc="collect", unit="item", disable=args.quiet):
-            target = collected / f"{item.item_id}-w{args.answer_weight:g}.pt"
-            if not target.exists():
-                _collect(generator, item, config, oracle, args.answer_tokens, target)
+            saved = collected / f"{item.item_id}-w{args.answer_weight:g}.pt"
+            if not saved.exists():
+                _collect(generator, item, config, oracle, args.answer_tokens, saved)
         collect_seconds = time.perf_counter() - began
         payloads = {item.item_id: torch.load(collected / f"{item.item_id}-w{args.answer_weight:g}.pt")
                     for item in items}
@@ -160,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         held_back = {item.item_id for item in items if item.seed >= args.items_per_task - args.held_back}
         train, check = [], []
         for item_id, payload in payloads.items():
-            (check if item_id in held_back else train).extend(_examples(payload, stats, config, oracle.coverage))
+            (check if item_id in held_back else train).extend(_examples(payload, stats, config, target))
         fit_began = time.perf_counter()
         params, history = fit_scorer(train, config, fit, progress=not args.quiet)
         fit_seconds = time.perf_counter() - fit_began
@@ -176,12 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall = time.perf_counter() - began
         record = {"command": command, "base_model": loaded.name, "library_version": __version__,
                   "tasks": list(args.tasks), "train_items": [i.item_id for i in items if i.item_id not in held_back],
-                  "held_back_items": sorted(held_back), "oracle": asdict(oracle), "fit": asdict(fit),
+                  "held_back_items": sorted(held_back), "oracle": asdict(oracle), "target": asdict(target),
+                  "fit": asdict(fit),
                   "examples": {"train": len(train), "held_back": len(check)}, "history": history,
                   "agreement": agreement, "validation": validation, "collect_seconds": collect_seconds,
                   "fit_seconds": fit_seconds, "wall_seconds": wall}
-        provenance = {k: record[k] for k in ("command", "base_model", "tasks", "oracle", "fit", "wall_seconds")}
-        provenance["method"] = "warm start: gradient fit to the oracle of future attention"
+        provenance = {k: record[k] for k in ("command", "base_model", "tasks", "oracle", "target", "fit",
+                                             "wall_seconds")}
+        provenance["method"] = f"warm start: gradient fit to the {target.kind} keep target"
         provenance["validation"] = None if validation is None else {k: validation[k] for k in ("dense", "kv_retained")}
         save_namm(run_dir / "namm", params, stats.mean, stats.var, config, provenance)
         atomic_write(run_dir / "warm_start.json", json.dumps(record, indent=2) + "\n")
@@ -190,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fitted = agreement["fitted"]["held_back"]
     print(f"examples: {len(train)} train, {len(check)} held back; held-back loss {fitted['loss']:.4f} "
           f"(initial {agreement['initial']['held_back']['loss']:.4f}), precision {fitted['precision']:.3f}, "
-          f"recall {fitted['recall']:.3f}, kept {100 * fitted['kept_share']:.1f}% (oracle {100 * fitted['oracle_share']:.1f}%)")
+          f"recall {fitted['recall']:.3f}, kept {100 * fitted['kept_share']:.1f}% (target {100 * fitted['target_share']:.1f}%)")
     if validation is not None:
         print(f"validation ({len(validation['per_item'])} items): dense score {validation['dense']:+.4f} nats/token "
               f"against the full cache, KV kept {100 * validation['kv_retained']:.1f}%")

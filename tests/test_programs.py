@@ -1,5 +1,6 @@
 """The command-line programs end to end on the embedded SmolLM2 (small prompts, CPU): help, one-line errors for
-bad input, the text evaluation's results folder and resume, and one evolution generation with exact resume."""
+bad input, the text evaluation's results folder and resume, one evolution generation with exact resume, and the
+warm start's fit to a chosen target."""
 
 from __future__ import annotations
 
@@ -145,3 +146,27 @@ def test_demo_answers_with_three_methods(evicting_namm):
     assert done.returncode == 0, done.stderr[-2000:]
     for label in ("full", "namm", "l2@matched", "KV kept per layer"):
         assert label in done.stdout
+
+
+def test_warm_start_fits_a_recency_window_and_reuses_collected_items(tmp_path):
+    """The warm-start program end to end: it collects, fits the target it is given, writes a NAMM whose
+    provenance names that target, and a second fit on the same run folder collects nothing again."""
+    common = ("--run-dir", str(tmp_path / "run"), "--tasks", "passkey", "--items-per-task", "2", "--held-back", "1",
+              "--length", "256", "--update-every", "64", "--protect-prompt-tail", "16", "--epochs", "30",
+              "--learning-rate", "0.02", "--validation-items", "0", "--quiet")
+    first = program("namm_transfer.evolve.warm_start", *common, "--target", "oracle")
+    assert first.returncode == 0, first.stderr[-2000:]
+    collected = sorted((tmp_path / "run" / "collected").rglob("*.pt"))
+    assert len(collected) == 2
+    stamps = [path.stat().st_mtime_ns for path in collected]
+    second = program("namm_transfer.evolve.warm_start", *common, "--target", "recency", "--recency-window", "96",
+                     "--export", str(tmp_path / "exported"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [path.stat().st_mtime_ns for path in collected] == stamps  # reused, not collected again
+    record = json.loads((tmp_path / "run" / "warm_start.json").read_text())
+    assert record["target"] == {"kind": "recency", "coverage": 0.9, "recency_window": 96}
+    held_back = record["agreement"]["fitted"]["held_back"]
+    assert held_back["precision"] > 0.9 and held_back["recall"] > 0.9  # the age feature carries the window
+    exported = load_namm(tmp_path / "exported")
+    assert exported.provenance["target"]["kind"] == "recency"
+    assert torch.equal(exported.params, load_namm(tmp_path / "run" / "namm").params)

@@ -3,9 +3,8 @@
 The same 4,172 BAM parameters and the same features as the evolved NAMM (namm-spec §2-§3); only the objective
 differs: a weighted binary cross-entropy between the BAM score (the keep rule is score >= 0, so the score is a
 logit) and a keep target (:mod:`namm_transfer.evolve.keep_target`: the oracle of future attention, a recency
-window, or both). Slots the NAMM never decides (padding,
-protected sinks and prompt tail, the newest slot) are left out of the loss. CMA-ES then refines the result on the
-task fitness.
+window, or both). Slots the NAMM never decides (padding, protected sinks and prompt tail, the newest slot) are left
+out of the loss. CMA-ES then refines the result on the task fitness.
 """
 
 from __future__ import annotations

@@ -154,13 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         items = [make_item(task, i, args.length, args.depths[i % len(args.depths)], count, "train")
                  for task in args.tasks for i in range(args.items_per_task)]
         collected = run_dir / "collected" / f"t{args.length}-p{args.update_every}-a{args.answer_tokens}-{args.attention_dtype}"
+        saved = {item.item_id: collected / f"{item.item_id}-w{args.answer_weight:g}.pt" for item in items}
         for item in tqdm(items, desc="collect", unit="item", disable=args.quiet):
-            saved = collected / f"{item.item_id}-w{args.answer_weight:g}.pt"
-            if not saved.exists():
-                _collect(generator, item, config, oracle, args.answer_tokens, saved)
+            if not saved[item.item_id].exists():
+                _collect(generator, item, config, oracle, args.answer_tokens, saved[item.item_id])
         collect_seconds = time.perf_counter() - began
-        payloads = {item.item_id: torch.load(collected / f"{item.item_id}-w{args.answer_weight:g}.pt")
-                    for item in items}
+        payloads = {item_id: torch.load(path) for item_id, path in saved.items()}
         accumulator = StatsAccumulator(config.spectrogram_bins)
         for payload in payloads.values():
             accumulator.merge(StatsAccumulator.from_tensor(payload["statistics"]))

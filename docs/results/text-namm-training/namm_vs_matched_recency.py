@@ -26,6 +26,7 @@ TASKS = ("passkey", "multikey_needle", "kv_retrieval", "variable_tracking", "two
 def main(namm_paths: list[str]) -> dict:
     loaded = load_model("smollm2")
     report = {"items": None, "namms": {}}
+    full_cache = {}  # (cache config, item id) -> the full cache's log-prob, shared by NAMMs on the same schedule
     for path in namm_paths:
         weights = load_namm_option(path)
         generator = TextGenerator(loaded.model, loaded.tokenizer, cache_config_for(weights.config))
@@ -34,7 +35,10 @@ def main(namm_paths: list[str]) -> dict:
         dense = {"namm": {}, "recency": {}}
         kept = {"namm": [], "recency": []}
         for number, item in enumerate(items):
-            full = answer_likelihood(generator, item, None).mean_log_prob[0]
+            key = (generator.runner_config.cache, item.item_id)
+            if key not in full_cache:
+                full_cache[key] = answer_likelihood(generator, item, None).mean_log_prob[0]
+            full = full_cache[key]
             namm = answer_likelihood(generator, item, namm_policy(weights))
             recency = answer_likelihood(generator, item,
                                         make_baseline("recency", MatchedBudget.from_retention(namm.retention)))

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -46,7 +46,7 @@ from namm_transfer.methods import cache_config_for
 from namm_transfer.models import add_model_options, load_model, resolve_model
 from namm_transfer.namm.checkpoint import save_namm
 from namm_transfer.namm.config import NUMERICS, NammConfig
-from namm_transfer.namm.features import StatsAccumulator
+from namm_transfer.namm.features import NormalisationStats, StatsAccumulator
 from namm_transfer.run_lock import RunLock, check_not_locked
 from namm_transfer.runtime.runner import EvictingRunner
 from namm_transfer.text_eval import PERIOD_TOKENS, PROMPT_TOKENS, TextGenerator
@@ -121,9 +121,22 @@ def _collect(generator: TextGenerator, item, config: NammConfig, oracle: OracleC
     tmp.replace(destination)
 
 
+def collected_steps(payload: dict) -> list[StepRecord]:
+    """The recorded steps of one collected item (a file written by :func:`_collect`), features back in fp32."""
+    return [StepRecord(r["layer"], r["tokens_seen"], r["ema"].float(), r["arrival"].long(), r["attendable"])
+            for r in payload["records"]]
+
+
+def collected_statistics(payloads: Iterable[dict], config: NammConfig) -> NormalisationStats:
+    """The normalisation statistics (namm-spec §2.4) of every collected item together."""
+    accumulator = StatsAccumulator(config.spectrogram_bins)
+    for payload in payloads:
+        accumulator.merge(StatsAccumulator.from_tensor(payload["statistics"]))
+    return accumulator.freeze()
+
+
 def _examples(payload: dict, stats, config: NammConfig, target: KeepTarget):
-    records = [StepRecord(r["layer"], r["tokens_seen"], r["ema"].float(), r["arrival"].long(), r["attendable"])
-               for r in payload["records"]]
+    records = collected_steps(payload)
     masses = {tuple(int(x) for x in k.split(":")): v.float() for k, v in payload["masses"].items()}
     return make_examples(records, masses, stats, config, payload["prompt_length"], target)
 
@@ -160,10 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _collect(generator, item, config, oracle, args.answer_tokens, saved[item.item_id])
         collect_seconds = time.perf_counter() - began
         payloads = {item_id: torch.load(path) for item_id, path in saved.items()}
-        accumulator = StatsAccumulator(config.spectrogram_bins)
-        for payload in payloads.values():
-            accumulator.merge(StatsAccumulator.from_tensor(payload["statistics"]))
-        stats = accumulator.freeze()
+        stats = collected_statistics(payloads.values(), config)
         held_back = {item.item_id for item in items if item.seed >= args.items_per_task - args.held_back}
         train, check = [], []
         for item_id, payload in payloads.items():

@@ -5,8 +5,9 @@ holds the candidate and recency at its matched budget; the keep-bias Pareto run 
 tokens", ``SHIPPED_DIR``) holds the full cache, the shipped NAMM at keep biases -0.5, 0 and +0.25 and recency at
 the shipped NAMM's budgets (+0.25 and -0.5; the bias-0 recency items were lost with a machine change). Every method
 is restricted to the items all of them finished. Reported: score (0-100) and the reference answer's log-probability
-per token, mean with bootstrap 95% interval; KV kept; mean peak total memory (K/V + policy state) against the full
-cache's; and the candidate minus each other method, paired on items.
+per token, mean with bootstrap 95% interval, KV kept and memory, as the text program summarises a method
+(:func:`~namm_transfer.text_summary.summarise`), plus the mean peak total memory (K/V + policy state) against the
+full cache's; and the candidate minus each other method, paired on items.
 
 Run: python docs/results/text-heldout-2k/candidate_vs_shipped.py CAND_DIR SHIPPED_DIR > OUT.json
 """
@@ -15,14 +16,20 @@ import json
 import sys
 from pathlib import Path
 
-from namm_transfer.evals.stats import mean_interval, paired_difference
+from namm_transfer.evals.stats import paired_difference
 from namm_transfer.jsonl import JsonlFile
+from namm_transfer.methods import MATCHED, Method
+from namm_transfer.text_summary import DENSE, summarise
 
 PREFIX = "builtin-heldout-L2048__smollm2__"
-SHIPPED_RUNS = {"full": "full__full", "shipped namm@-0.5": "namm__bias_m0.5", "shipped namm": "namm__full",
-                "shipped namm@+0.25": "namm__bias_p0.25", "recency@matched-0.5": "recency__matched_m0.5",
-                "recency@matched+0.25": "recency__matched_p0.25"}
-CANDIDATE_RUNS = {"candidate namm": "namm__full", "recency@matched to the candidate": "recency__matched"}
+SHIPPED_RUNS = {"full": ("full__full", Method("full")),
+                "shipped namm@-0.5": ("namm__bias_m0.5", Method("namm", keep_bias=-0.5)),
+                "shipped namm": ("namm__full", Method("namm")),
+                "shipped namm@+0.25": ("namm__bias_p0.25", Method("namm", keep_bias=0.25)),
+                "recency@matched-0.5": ("recency__matched_m0.5", Method("recency", MATCHED, -0.5)),
+                "recency@matched+0.25": ("recency__matched_p0.25", Method("recency", MATCHED, 0.25))}
+CANDIDATE_RUNS = {"candidate namm": ("namm__full", Method("namm")),
+                  "recency@matched to the candidate": ("recency__matched", Method("recency", MATCHED))}
 
 
 def records(folder: Path) -> dict[str, dict]:
@@ -31,23 +38,21 @@ def records(folder: Path) -> dict[str, dict]:
 
 
 def main(candidate_dir: Path, shipped_dir: Path) -> dict:
-    runs = {label: records(candidate_dir / (PREFIX + name)) for label, name in CANDIDATE_RUNS.items()}
-    runs |= {label: records(shipped_dir / (PREFIX + name)) for label, name in SHIPPED_RUNS.items()}
-    items = sorted(set.intersection(*(set(by_item) for by_item in runs.values())))
+    runs = {label: (records(candidate_dir / (PREFIX + name)), method)
+            for label, (name, method) in CANDIDATE_RUNS.items()}
+    runs |= {label: (records(shipped_dir / (PREFIX + name)), method)
+             for label, (name, method) in SHIPPED_RUNS.items()}
+    items = sorted(set.intersection(*(set(by_item) for by_item, _ in runs.values())))
     if not items:
         raise SystemExit("the runs share no finished item")
-    full_total = sum(runs["full"][i]["total_bytes_peak"] for i in items) / len(items)
-    score = {label: {i: 100 * by_item[i]["score"] for i in items} for label, by_item in runs.items()}
-    logprob = {label: {i: by_item[i]["answer_logprob"] for i in items} for label, by_item in runs.items()}
-    methods = {label: {
-        "score": mean_interval(list(score[label].values())),
-        "answer_logprob": mean_interval(list(logprob[label].values())),
-        "kv_retained_pct": 100 * sum(by_item[i]["kv_retained"] for i in items) / len(items),
-        "total_memory_vs_full": sum(by_item[i]["total_bytes_peak"] for i in items) / len(items) / full_total,
-    } for label, by_item in runs.items()}
+    methods = {label: summarise(method, [by_item[i] for i in items]) for label, (by_item, method) in runs.items()}
+    for row in methods.values():
+        row["total_memory_vs_full"] = row["total_bytes_peak"] / methods["full"]["total_bytes_peak"]
+    score = {label: {i: 100 * by_item[i]["score"] for i in items} for label, (by_item, _) in runs.items()}
+    logprob = {label: {i: by_item[i][DENSE] for i in items} for label, (by_item, _) in runs.items()}
     candidate = "candidate namm"
     paired = {f"{candidate} - {label}": {"score": paired_difference(score[candidate], score[label]),
-                                         "answer_logprob": paired_difference(logprob[candidate], logprob[label])}
+                                         DENSE: paired_difference(logprob[candidate], logprob[label])}
               for label in runs if label != candidate}
     return {"items": items, "methods": methods, "paired": paired}
 

@@ -35,11 +35,12 @@ import torch
 
 from namm_transfer.evals.stats import mean_interval, paired_difference
 from namm_transfer.evals.text_tasks import make_item, token_counter
-from namm_transfer.evolve.feature_recorder import StepRecord, recorded_features
+from namm_transfer.evolve.feature_recorder import recorded_features
+from namm_transfer.evolve.warm_start import collected_statistics, collected_steps
 from namm_transfer.methods import cache_config_for
 from namm_transfer.models import load_model
 from namm_transfer.namm.checkpoint import load_namm
-from namm_transfer.namm.features import NormalisationStats, StatsAccumulator
+from namm_transfer.namm.features import NormalisationStats
 from namm_transfer.namm.scorer import bam_scores
 from namm_transfer.text_eval import TextGenerator
 
@@ -57,8 +58,9 @@ TRAIN_ROWS = 200_000
 def needle_tokens(tokenizer, ids: list[int], answers: list[str], before: int) -> torch.Tensor:
     """(L,) bool: tokens before index ``before`` whose decoded text overlaps an occurrence of an answer."""
     pieces = [tokenizer.decode([token]) for token in ids]
-    ends = torch.tensor([len(piece) for piece in pieces]).cumsum(0)
-    starts = ends - torch.tensor([len(piece) for piece in pieces])
+    lengths = torch.tensor([len(piece) for piece in pieces])
+    ends = lengths.cumsum(0)
+    starts = ends - lengths
     text = "".join(pieces)
     label = torch.zeros(len(ids), dtype=torch.bool)
     for answer in answers:
@@ -79,11 +81,9 @@ def item_groups(payload: dict, labels: torch.Tensor, norms: list[torch.Tensor], 
     """The pre-question (layer, head, step) groups of one item: features, label, scores; groups with a needle."""
     prompt_length = payload["prompt_length"]
     groups = []
-    for raw in payload["records"]:
-        if raw["tokens_seen"] > prompt_length - QUESTION_MARGIN:
+    for record in collected_steps(payload):
+        if record.tokens_seen > prompt_length - QUESTION_MARGIN:
             continue
-        record = StepRecord(raw["layer"], raw["tokens_seen"], raw["ema"].float(), raw["arrival"].long(),
-                            raw["attendable"])
         features = recorded_features(record, stats, shipped.config)  # (H, N, 25)
         shipped_features = recorded_features(record, shipped_stats, shipped.config)
         score = bam_scores(shipped_features[None], shipped.params, torch.zeros(1, dtype=torch.int64),
@@ -173,10 +173,7 @@ def main(collected: Path) -> dict:
     items = [make_item(task, seed, LENGTH, DEPTHS[seed % len(DEPTHS)], count, "train")
              for task in TASKS for seed in range(ITEMS_PER_TASK)]
     payloads = {item.item_id: torch.load(collected / f"{item.item_id}-w1.pt") for item in items}
-    accumulator = StatsAccumulator(shipped.config.spectrogram_bins)
-    for payload in payloads.values():
-        accumulator.merge(StatsAccumulator.from_tensor(payload["statistics"]))
-    stats = accumulator.freeze()  # as the warm start normalises: statistics of all collected items
+    stats = collected_statistics(payloads.values(), shipped.config)  # as the warm start normalises
     groups_by_item: dict[str, list[dict]] = {}
     needles = {}
     for item in items:
@@ -209,11 +206,12 @@ def main(collected: Path) -> dict:
         if not groups:
             continue
         for name in scorers:
-            per_item["auc"][name][item_id] = sum(auc(g["scores"][name], g["label"]) for g in groups) / len(groups)
+            aucs = [auc(g["scores"][name], g["label"]) for g in groups]
+            per_item["auc"][name][item_id] = sum(aucs) / len(groups)
             per_item["needle_kept_top25"][name][item_id] = (
                 sum(kept_share(g["scores"][name], g["label"]) for g in groups) / len(groups))
             for layer in range(layers):
-                in_layer = [auc(g["scores"][name], g["label"]) for g in groups if g["layer"] == layer]
+                in_layer = [value for value, g in zip(aucs, groups) if g["layer"] == layer]
                 by_layer[name][layer].append(sum(in_layer) / len(in_layer))
     report = {"items_with_a_needle_before_the_question": len(per_item["auc"]["recency"]), "needle_tokens": needles,
               "keep_share": KEEP_SHARE, "metrics": {},
